@@ -1,0 +1,89 @@
+"""Batch-1 speed of the whole model: prompt tokens/s and decode tokens/s.
+
+    python -m bench.speed [--model M] [--threads 2] [--prompt-tokens 128] [--decode-tokens 128]
+
+Decode is memory bound: every new token reads every weight once (the output
+projection included, the embedding table only one row), so besides tokens/s
+it prints the achieved weight bandwidth = weight bytes per token x tokens/s.
+Each figure is the median of --runs runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads."""
+    w = model.w
+    total = sum(a.nbytes for name, a in w.items() if name != "tok_embeddings")
+    if w["output"] is not w["tok_embeddings"]:
+        total += w["tok_embeddings"][0].nbytes
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", "-m", default=None, help="default: the default model")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import numba
+
+    from xllm.download import default_model_path
+    from xllm.generate import Session
+    from xllm.load import load_model
+
+    numba.set_num_threads(args.threads)
+    path = args.model or default_model_path()
+    model, tok, _ = load_model(path)
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, args.prompt_tokens)]
+    session = Session(model)
+
+    def one_run():
+        session.reset()
+        t0 = time.perf_counter()
+        logits = session.prefill(prompt)
+        t1 = time.perf_counter()
+        token = int(np.argmax(logits))
+        for _ in range(args.decode_tokens):
+            token = int(np.argmax(session._feed([token])))
+        t2 = time.perf_counter()
+        return args.prompt_tokens / (t1 - t0), args.decode_tokens / (t2 - t1)
+
+    one_run()  # warm-up: page in the weights
+    runs = [one_run() for _ in range(args.runs)]
+    pp = statistics.median(r[0] for r in runs)
+    tg = statistics.median(r[1] for r in runs)
+    bpt = weight_bytes_per_token(model)
+    result = {
+        "model": str(path), "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "prompt_tokens": args.prompt_tokens, "prompt_tok_s": round(pp, 1),
+        "decode_tokens": args.decode_tokens, "decode_tok_s": round(tg, 1),
+        "weight_MB_per_token": round(bpt / 1e6, 1), "decode_weight_GB_s": round(bpt * tg / 1e9, 1),
+        "runs": [[round(a, 1), round(b, 1)] for a, b in runs],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"model {path}, {args.threads} threads")
+        print(f"prompt ({args.prompt_tokens} tokens): {pp:8.1f} tok/s")
+        print(f"decode ({args.decode_tokens} tokens): {tg:8.1f} tok/s  "
+              f"= {bpt / 1e6:.0f} MB of weights/token x tok/s = {bpt * tg / 1e9:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Chat formats: how a conversation becomes token ids.
+
+A conversation is kept as token ids, not re-rendered text: each user turn
+appends its own ids, each answer appends the ids the model generated. So
+the ids of earlier turns never change, and the KV cache of a `Session`
+is reused across turns (only the new turn is computed).
+
+Special tokens (`<|im_start|>`, BOS, EOS) come only from the format itself;
+what the user types is encoded as plain text, so a user who types
+"<|im_end|>" gets those characters, not the control token.
+
+Formats:
+- chatml (SmolLM2, Qwen, ...):
+      <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n
+- llama2 (Llama-2 chat):  <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{text} [/INST]
+- raw: the text as it is (base models, plain completion).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Special:
+    """A control token named by its text (e.g. "<|im_start|>") or by role ("bos", "eos")."""
+
+    name: str
+
+
+def encode_parts(tok, parts) -> list[int]:
+    """Token ids of a list of plain strings and `Special` tokens."""
+    ids: list[int] = []
+    text = ""
+    for part in parts:
+        if isinstance(part, Special):
+            if text:
+                ids += tok.encode(text)
+                text = ""
+            ids.append(_special_id(tok, part.name))
+        else:
+            text += part
+    if text:
+        ids += tok.encode(text)
+    return ids
+
+
+def _special_id(tok, name: str) -> int:
+    if name == "bos":
+        return tok.bos_id
+    if name == "eos":
+        return tok.eos_id
+    i = tok.token_to_id(name)
+    if i is None:
+        raise ValueError(f"the tokenizer has no token {name!r} that the chat format needs")
+    return i
+
+
+class ChatFormat:
+    name = "raw"
+    stop_tokens: tuple[str, ...] = ()
+
+    def opening(self, system: str | None) -> list:
+        return []
+
+    def user(self, text: str, first: bool, system: str | None) -> list:
+        return [text]
+
+    def after_answer(self, stopped: bool) -> list:
+        return []
+
+
+class ChatML(ChatFormat):
+    name = "chatml"
+    stop_tokens = ("<|im_end|>",)
+
+    def opening(self, system):
+        if not system:
+            return []
+        return [Special("<|im_start|>"), "system\n" + system, Special("<|im_end|>"), "\n"]
+
+    def user(self, text, first, system):
+        return [Special("<|im_start|>"), "user\n" + text, Special("<|im_end|>"), "\n",
+                Special("<|im_start|>"), "assistant\n"]
+
+    def after_answer(self, stopped):
+        return ([] if stopped else [Special("<|im_end|>")]) + ["\n"]
+
+
+class Llama2Chat(ChatFormat):
+    name = "llama2"
+
+    def user(self, text, first, system):
+        if first and system:
+            text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text.strip()}"
+        return [Special("bos"), f"[INST] {text.strip()} [/INST]"]
+
+    def after_answer(self, stopped):
+        return [] if stopped else [Special("eos")]
+
+
+FORMATS = {f.name: f for f in (ChatML, Llama2Chat, ChatFormat)}
+
+
+def detect_format(tok, metadata: dict) -> tuple[ChatFormat, str | None]:
+    """The chat format and default system prompt a model's files imply."""
+    template = str(metadata.get("tokenizer.chat_template") or metadata.get("chat_template") or "")
+    if "<|im_start|>" in template or (not template and tok.token_to_id("<|im_start|>") is not None):
+        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
+        return ChatML(), (m.group(1) if m else None)
+    if "[INST]" in template:
+        return Llama2Chat(), None
+    return ChatFormat(), None
+
+
+class Conversation:
+    """The token ids of a chat so far, turn by turn."""
+
+    def __init__(self, tok, fmt: ChatFormat, system: str | None = None):
+        self.tok, self.fmt, self.system = tok, fmt, system
+        self.ids: list[int] = []
+        self.turns = 0
+        self.stop_ids = tuple(sorted(set(tok.eos_ids) | {_special_id(tok, s) for s in fmt.stop_tokens}))
+
+    def reset(self) -> None:
+        self.ids, self.turns = [], 0
+
+    def add_user(self, text: str) -> list[int]:
+        """Append a user message (with the cue for the answer); return the whole prompt."""
+        if self.turns == 0:
+            self.ids += encode_parts(self.tok, self.fmt.opening(self.system))
+        self.ids += encode_parts(self.tok, self.fmt.user(text, self.turns == 0, self.system))
+        self.turns += 1
+        return list(self.ids)
+
+    def add_answer(self, answer_ids: list[int]) -> None:
+        """Append the ids the model generated, closing the turn as the format wants."""
+        stopped = bool(answer_ids) and answer_ids[-1] in self.stop_ids
+        self.ids += list(answer_ids) + encode_parts(self.tok, self.fmt.after_answer(stopped))

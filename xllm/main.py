@@ -1,0 +1,130 @@
+"""Streaming chat with a Llama-architecture model.
+
+    python -m xllm.main                      # chat with the default model (SmolLM2-135M-Instruct)
+    python -m xllm.main -p "Hello" -n 64     # one answer, then exit
+    python -m xllm.main --model model.gguf   # a GGUF file, a Hugging Face directory,
+    python -m xllm.main --model m.bin --tokenizer tokenizer.model   # or a llama2.c checkpoint
+
+In the chat, /reset starts a new conversation, /exit (or Ctrl-D) leaves, and
+Ctrl-C stops the answer being written while keeping the conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .errors import XllmError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m xllm.main", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", "-m", help="a .gguf file, a Hugging Face directory or a llama2.c .bin (default: SmolLM2-135M-Instruct, downloaded on first use)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (needed for llama2.c checkpoints)")
+    p.add_argument("-p", "--prompt", help="answer this one message and exit")
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--system", default=None, help="system prompt (default: the model's own, if any)")
+    p.add_argument("--chat-format", choices=["auto", "chatml", "llama2", "raw"], default="auto",
+                   help="how turns become tokens (default: from the model's files); raw = plain completion")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the prepared-weights cache")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed after each answer")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except XllmError as e:
+        print(f"xllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import numba
+
+    from .chat import FORMATS, Conversation, detect_format
+    from .download import default_model_path
+    from .generate import Session
+    from .load import load_model
+    from .sampling import SamplingParams
+
+    if args.threads is not None:
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise XllmError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
+        numba.set_num_threads(args.threads)
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise XllmError(str(e)) from None
+
+    path = args.model or default_model_path(log=lambda m: print(m, file=sys.stderr))
+    model, tok, metadata = load_model(path, args.tokenizer, use_cache=not args.no_cache)
+    fmt, default_system = detect_format(tok, metadata)
+    if args.chat_format != "auto":
+        fmt = FORMATS[args.chat_format]()
+    system = args.system if args.system is not None else default_system
+    session = Session(model)
+    convo = Conversation(tok, fmt, system)
+
+    def answer(text: str) -> None:
+        prompt = convo.add_user(text)
+        computed_before = session.tokens_computed
+        stream = tok.stream_decoder()
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            for token in session.generate(prompt, args.max_tokens, params, convo.stop_ids):
+                out.append(token)
+                t_first = t_first or time.perf_counter()
+                if token not in convo.stop_ids:
+                    sys.stdout.write(stream.push(token))
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        convo.add_answer(out)
+        if args.stats and t_first is not None:
+            dt = time.perf_counter() - t_first
+            print(f"[prompt {len(prompt)} tokens, {session.tokens_computed - computed_before - max(0, len(out) - 1)} computed, "
+                  f"first token {t_first - t0:.3f} s; {len(out)} tokens, "
+                  f"{(len(out) - 1) / dt if dt > 0 and len(out) > 1 else 0.0:.1f} tok/s decode]", file=sys.stderr)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+
+    name = metadata.get("general.name") or os.path.basename(str(path))
+    print(f"xllm: chatting with {name} ({fmt.name} format). /reset starts over, /exit leaves, Ctrl-C stops an answer.",
+          file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to leave)")
+            continue
+        if text.strip() == "/exit":
+            return 0
+        if text.strip() == "/reset":
+            convo.reset()
+            session.reset()
+            print("(new conversation)")
+            continue
+        if text.strip():
+            answer(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Llama forward pass, written once for every device.
+
+It calls only the operators of the device registry (`xllm.ops.get_ops`), so
+the same code runs the numba CPU kernels, the numpy reference, or a GPU.
+
+The input is a *ragged batch*: the tokens of several sequences laid end to
+end, with no padding. Sequence b owns rows cu_q[b]..cu_q[b+1]-1 of every
+activation; each row carries its own absolute position, and attention finds a
+sequence's earlier keys through its row of the KV cache's block table. One
+sequence prefilling 100 tokens and three sequences decoding one token each
+are the same call: 103 rows.
+
+One layer, for rows x[T, dim]:
+
+    h      = rmsnorm(x) ;  q, k, v = split(h @ Wqkv^T)
+    q, k   = rope(q), rope(k)          (positions of each row)
+    cache <- k, v                      (at each row's slot)
+    x      = x + attention(q, cache) @ Wo^T
+    h      = rmsnorm(x)
+    x      = x + (silu(h @ Wgate^T) * (h @ Wup^T)) @ Wdown^T
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .ops import get_ops
+
+
+@dataclass
+class Batch:
+    """One forward step's rows (see the module docstring)."""
+
+    tokens: np.ndarray        # [T] int32 token ids
+    positions: np.ndarray     # [T] int32 absolute position of each row
+    cu_q: np.ndarray          # [B+1] int32 row offsets of the sequences
+    block_table: np.ndarray   # [B, max_blocks] int32 KV blocks of each sequence
+    slot_mapping: np.ndarray  # [T] int32 cache slot each row's key/value goes to
+
+    @classmethod
+    def build(cls, cache: KVCache, seqs: list[tuple[int, list[int]]]) -> "Batch":
+        """Rows for `seqs`, a list of (sequence id, new token ids), reserving
+        cache slots for the new tokens after what each sequence already holds."""
+        tokens, positions, slots, cu = [], [], [], [0]
+        for seq_id, ids in seqs:
+            start = cache.lengths.get(seq_id, 0)
+            slots.append(cache.reserve(seq_id, len(ids)))
+            tokens.extend(ids)
+            positions.extend(range(start, start + len(ids)))
+            cu.append(cu[-1] + len(ids))
+        return cls(
+            tokens=np.asarray(tokens, np.int32),
+            positions=np.asarray(positions, np.int32),
+            cu_q=np.asarray(cu, np.int32),
+            block_table=cache.block_table([s for s, _ in seqs]),
+            slot_mapping=np.concatenate(slots).astype(np.int32),
+        )
+
+
+def prepare_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Turn a loader's canonical weights into the layout the forward pass reads.
+
+    The q, k and v projections are stacked into one matrix (one pass over the
+    activations instead of three), and so are the gate and up projections.
+    The output projection is the embedding table when the model ties them.
+    """
+    out = {"tok_embeddings": weights["tok_embeddings"], "norm": weights["norm"]}
+    out["output"] = weights["tok_embeddings"] if config.tied_embeddings else weights["output"]
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        out[p + "attn_norm"] = weights[p + "attn_norm"]
+        out[p + "ffn_norm"] = weights[p + "ffn_norm"]
+        out[p + "wqkv"] = np.concatenate([weights[p + "wq"], weights[p + "wk"], weights[p + "wv"]])
+        out[p + "wo"] = weights[p + "wo"]
+        out[p + "w_gate_up"] = np.concatenate([weights[p + "w_gate"], weights[p + "w_up"]])
+        out[p + "w_down"] = weights[p + "w_down"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+class Llama:
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], device: str = "cpu"):
+        """`weights` in the layout of `prepare_weights`."""
+        self.config = config
+        self.ops = get_ops(device)
+        self.w = weights
+        self.cos, self.sin = self.ops.rope_tables(config.rope_theta, config.head_dim, config.context_length)
+        self.scale = float(config.head_dim) ** -0.5
+
+    def forward(self, batch: Batch, cache: KVCache, logit_rows: np.ndarray) -> np.ndarray:
+        """Run every row of `batch` through the model, writing its keys and values
+        into `cache`; return the logits [len(logit_rows), vocab] of the chosen rows."""
+        c, ops, w = self.config, self.ops, self.w
+        if batch.positions.size and int(batch.positions.max()) >= c.context_length:
+            raise ValueError(f"position {int(batch.positions.max())} is past the model's context length {c.context_length}")
+        T, H, KV, hd = len(batch.tokens), c.n_heads, c.n_kv_heads, c.head_dim
+        x = ops.embedding(w["tok_embeddings"], batch.tokens)
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            h = ops.rmsnorm(x, w[p + "attn_norm"], c.rms_eps)
+            qkv = ops.linear(h, w[p + "wqkv"])
+            q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)
+            k = np.ascontiguousarray(qkv[:, H * hd : (H + KV) * hd]).reshape(T, KV, hd)
+            v = np.ascontiguousarray(qkv[:, (H + KV) * hd :]).reshape(T, KV, hd)
+            q = ops.rope(q, batch.positions, self.cos, self.sin)
+            k = ops.rope(k, batch.positions, self.cos, self.sin)
+            ops.store_kv(k, v, cache.k[i], cache.v[i], batch.slot_mapping)
+            a = ops.attention(q, cache.k[i], cache.v[i], batch.block_table, cache.block_size,
+                              batch.cu_q, batch.positions, self.scale)
+            x = ops.add(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]))
+            h = ops.rmsnorm(x, w[p + "ffn_norm"], c.rms_eps)
+            x = ops.add(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]))
+        x = ops.rmsnorm(x, w["norm"], c.rms_eps)
+        return ops.logits(x, np.asarray(logit_rows, np.int32), w["output"])
