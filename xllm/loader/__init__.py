@@ -1,0 +1,51 @@
+"""Loading model checkpoints: GGUF files, Hugging Face directories, llama2.c .bin files.
+
+    from xllm.loader import load_checkpoint
+    ck = load_checkpoint("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ck.config     # ModelConfig, from the file's own metadata
+    ck.weights    # dict of float32 arrays with canonical names (see layout.py)
+    ck.kind       # "gguf" | "hf" | "llama2c"
+    ck.metadata   # GGUF key/values, or config.json (+ generation_config), or {}
+    ck.path
+
+The format is recognised from the contents, not the file name: a directory
+(or a config.json / .safetensors file inside one) is a Hugging Face
+checkpoint, a file starting with "GGUF" is GGUF, and anything else is tried as
+a llama2.c checkpoint, whose header must then match the file size exactly.
+Every problem with the input is raised as one `ModelFormatError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ModelFormatError
+from .layout import Checkpoint, expected_shapes, rope_rows_to_halves, rope_rows_to_pairs
+
+__all__ = ["Checkpoint", "load_checkpoint", "expected_shapes", "rope_rows_to_halves", "rope_rows_to_pairs"]
+
+
+def load_checkpoint(path, *, load_weights: bool = True) -> Checkpoint:
+    """Load a checkpoint; with `load_weights=False` only config and metadata (weights == {})."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(p, "no such file or directory")
+    if p.is_dir():
+        from .hf import load_hf
+        return load_hf(p, load_weights)
+    if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")):
+        from .hf import load_hf
+        return load_hf(p.parent, load_weights)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFormatError(p, f"cannot read: {e.strerror or e}") from None
+    if not magic:
+        raise ModelFormatError(p, "file is empty")
+    if magic == b"GGUF":
+        from .gguf_file import load_gguf
+        return load_gguf(p, load_weights)
+    from .llama2c import load_llama2c
+    return load_llama2c(p, load_weights)

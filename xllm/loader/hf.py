@@ -1,0 +1,229 @@
+"""Loading Hugging Face checkpoint directories (LlamaForCausalLM, safetensors weights).
+
+A directory holds `config.json` (the hyper-parameters), optionally
+`generation_config.json`, and the weights either in one `model.safetensors`
+or in several shards listed by `model.safetensors.index.json`
+({"weight_map": {tensor name: shard file}}).  HF weights are already in the
+rotate-half RoPE order xllm uses, so they need only renaming and float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from .layout import Checkpoint, check_config, check_shapes, check_weights
+from .safetensors_file import SafetensorsFile
+
+SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM"]
+
+_LAYER_TENSORS = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "wq", "self_attn.k_proj": "wk",
+    "self_attn.v_proj": "wv", "self_attn.o_proj": "wo", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "w_gate", "mlp.up_proj": "w_up", "mlp.down_proj": "w_down",
+}
+_GLOBAL_TENSORS = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+
+
+def canonical_name(hf_name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.wq'; None if not part of the layout."""
+    if not hf_name.endswith(".weight"):
+        return None
+    base = hf_name[: -len(".weight")]
+    if base in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[base]
+    parts = base.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _LAYER_TENSORS:
+        return f"layers.{int(parts[2])}.{_LAYER_TENSORS[parts[3]]}"
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ModelFormatError(path, f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ModelFormatError(path, f"invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(path, "expected a JSON object")
+    return data
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise ValueError(value)
+
+
+def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelConfig:
+    """ModelConfig from a parsed config.json (`path` is that file, for messages)."""
+    archs = raw.get("architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ModelFormatError(
+                path, f"unsupported architecture: field 'architectures' is {archs!r}, "
+                      f"supported: {SUPPORTED_ARCHITECTURES}")
+    elif raw.get("model_type") != "llama":
+        raise ModelFormatError(
+            path, f"unsupported architecture: no 'architectures' field and field 'model_type' is "
+                  f"{raw.get('model_type')!r}, supported: ['llama']")
+
+    def get(key, kind, default=None, required=True):
+        value = raw.get(key, default)
+        if value is None:
+            if required:
+                raise ModelFormatError(path, f"missing field '{key}'")
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok = ok and float(value).is_integer()
+        if not ok:
+            raise ModelFormatError(path, f"field '{key}' should be a number, found {value!r}")
+        return kind(value)
+
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelFormatError(path, f"unsupported activation: field 'hidden_act' is {act!r}, supported: ['silu']")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise ModelFormatError(path, f"field '{key}' is true: bias terms are not supported")
+
+    # rope_theta and rope_scaling live at the top level in older configs; newer
+    # transformers versions nest both in "rope_parameters".
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ModelFormatError(path, f"field 'rope_parameters' should be an object, found {rope!r}")
+    theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = raw.get("rope_scaling") or rope
+    if not isinstance(scaling, dict):
+        raise ModelFormatError(path, f"field 'rope_scaling' should be an object, found {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type != "default":
+        raise ModelFormatError(
+            path, f"unsupported RoPE scaling: rope type is {rope_type!r}, supported: ['default']")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ModelFormatError(path, f"field 'rope_theta' should be a number, found {theta!r}")
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelFormatError(path, f"partial RoPE is not supported (partial_rotary_factor="
+                                     f"{raw['partial_rotary_factor']})")
+
+    n_heads = get("num_attention_heads", int)
+    try:
+        eos_ids = _ids(raw.get("eos_token_id"))
+        if generation:
+            eos_ids += [i for i in _ids(generation.get("eos_token_id")) if i not in eos_ids]
+        bos = _ids(raw.get("bos_token_id"))
+        if not bos and generation:
+            bos = _ids(generation.get("bos_token_id"))
+    except ValueError as e:
+        raise ModelFormatError(path, f"token ids should be integers or lists of integers, found {e.args[0]!r}") from None
+    tied = raw.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ModelFormatError(path, f"field 'tie_word_embeddings' should be true or false, found {tied!r}")
+
+    cfg = ModelConfig(
+        n_layers=get("num_hidden_layers", int),
+        dim=get("hidden_size", int),
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, default=n_heads),
+        hidden_dim=get("intermediate_size", int),
+        vocab_size=get("vocab_size", int),
+        head_dim=get("head_dim", int, required=False) or 0,
+        rope_theta=float(theta),
+        rms_eps=get("rms_norm_eps", float, default=1e-6),
+        context_length=get("max_position_embeddings", int, default=2048),
+        tied_embeddings=tied,
+        bos_id=bos[0] if bos else None,
+        eos_ids=tuple(eos_ids),
+        arch="llama",
+        name=str(raw.get("_name_or_path", "") or ""),
+    )
+    check_config(path, cfg, "config.json")
+    return cfg
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (empty dict: read the single file's header)."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return {}
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFormatError(index, "missing or empty 'weight_map'")
+        return {name: directory / file for name, file in weight_map.items()}
+    if (directory / "pytorch_model.bin").exists() or (directory / "pytorch_model.bin.index.json").exists():
+        raise ModelFormatError(
+            directory, "weights are in PyTorch pickle format (pytorch_model.bin), which xllm does not read: "
+                       "convert them to model.safetensors")
+    raise ModelFormatError(directory, "no weights: expected model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelFormatError(directory, "not a model: a directory must contain config.json "
+                                          "(a Hugging Face checkpoint)")
+    raw = _read_json(config_path)
+    generation = None
+    if (directory / "generation_config.json").is_file():
+        generation = _read_json(directory / "generation_config.json")
+    cfg = config_from_json(config_path, raw, generation)
+    metadata = dict(raw)
+    if generation is not None:
+        metadata["generation_config"] = generation
+
+    # Open each weight file once and note where every tensor lives.
+    files: dict[Path, SafetensorsFile] = {}
+    index = _weight_files(directory)
+    if not index:
+        st = SafetensorsFile(directory / "model.safetensors")
+        files[st.path] = st
+        located = {name: st for name in st.tensors}
+    else:
+        located = {}
+        for name, file in index.items():
+            if file not in files:
+                if not file.is_file():
+                    raise ModelFormatError(file, f"missing weight file (listed for tensor '{name}' in "
+                                                 f"model.safetensors.index.json)")
+                files[file] = SafetensorsFile(file)
+            if name not in files[file].tensors:
+                raise ModelFormatError(file, f"tensor '{name}' listed in the index is not in this file")
+            located[name] = files[file]
+
+    names: dict[str, str] = {}     # canonical -> HF name
+    for name in located:
+        canon = canonical_name(name)
+        if canon is None:
+            if name.endswith("rotary_emb.inv_freq"):   # a buffer some old exports kept; recomputed at run time
+                continue
+            raise ModelFormatError(located[name].path, f"unexpected tensor '{name}'")
+        if canon == "output" and cfg.tied_embeddings:
+            continue                                    # tied: the output matrix is tok_embeddings
+        names[canon] = name
+
+    def where(canon):
+        return located[names[canon]].path if canon in names else directory
+
+    try:
+        check_shapes(directory, cfg, {c: located[n].shape(n) for c, n in names.items()}, names)
+    except ModelFormatError as e:
+        # Name the file that holds the offending tensor, not just the directory.
+        bad = next((c for c, n in names.items() if f"'{n}'" in e.problem), None)
+        raise ModelFormatError(where(bad) if bad else directory, e.problem) from None
+
+    weights = {}
+    if load_weights:
+        weights = {c: located[n].get(n) for c, n in names.items()}
+        weights = check_weights(directory, cfg, weights, names)
+    return Checkpoint(config=cfg, weights=weights, kind="hf", metadata=metadata, path=str(directory))

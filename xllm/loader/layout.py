@@ -1,0 +1,134 @@
+"""The canonical weight layout every loader produces, and the helpers they share.
+
+Whatever the file format, a loaded model is a `ModelConfig` plus a flat dict of
+float32 arrays with these names (shapes use the config's fields):
+
+    tok_embeddings          [vocab, dim]
+    layers.{i}.attn_norm    [dim]
+    layers.{i}.wq           [n_heads * head_dim, dim]
+    layers.{i}.wk           [n_kv_heads * head_dim, dim]
+    layers.{i}.wv           [n_kv_heads * head_dim, dim]
+    layers.{i}.wo           [dim, n_heads * head_dim]
+    layers.{i}.ffn_norm     [dim]
+    layers.{i}.w_gate       [hidden, dim]
+    layers.{i}.w_up         [hidden, dim]
+    layers.{i}.w_down       [dim, hidden]
+    norm                    [dim]
+    output                  [vocab, dim]   (absent when config.tied_embeddings)
+
+Matrices are stored like `torch.nn.Linear` weights: [out_features, in_features],
+so a projection is `y = W @ x`.
+
+RoPE convention.  Two equivalent ways to pair up the dimensions of a head
+exist.  Meta's original Llama code, llama.cpp/GGUF and llama2.c rotate
+*adjacent* pairs (x0, x1), (x2, x3), ...  Hugging Face rotates the two
+*halves* against each other: (x0, x_{hd/2}), (x1, x_{hd/2+1}), ...  A
+checkpoint converted from one convention to the other has the rows of wq and
+wk shuffled so that both give the same attention scores.  xllm always uses
+the Hugging Face "rotate-half" order, so the GGUF and llama2.c loaders undo
+that shuffle with `rope_rows_to_halves`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+
+LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns."""
+
+    config: ModelConfig
+    weights: dict[str, np.ndarray]
+    kind: str                 # "gguf" | "hf" | "llama2c"
+    metadata: dict = field(default_factory=dict)
+    path: str = ""
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape, in a stable order (embeddings, layers, norm, output)."""
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm"] = (cfg.dim,)
+        shapes[p + "wq"] = (cfg.q_dim, cfg.dim)
+        shapes[p + "wk"] = (cfg.kv_dim, cfg.dim)
+        shapes[p + "wv"] = (cfg.kv_dim, cfg.dim)
+        shapes[p + "wo"] = (cfg.dim, cfg.q_dim)
+        shapes[p + "ffn_norm"] = (cfg.dim,)
+        shapes[p + "w_gate"] = (cfg.hidden_dim, cfg.dim)
+        shapes[p + "w_up"] = (cfg.hidden_dim, cfg.dim)
+        shapes[p + "w_down"] = (cfg.dim, cfg.hidden_dim)
+    shapes["norm"] = (cfg.dim,)
+    if not cfg.tied_embeddings:
+        shapes["output"] = (cfg.vocab_size, cfg.dim)
+    return shapes
+
+
+def rope_rows_to_halves(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """Reorder wq/wk rows from adjacent-pair RoPE order to rotate-half order.
+
+    Inside each head, row 2*i + j (pair i, member j) moves to row j*hd/2 + i.
+    This undoes llama.cpp's converter, which did
+    `w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2)` on the HF weight.
+    """
+    cols = w.shape[-1]
+    w = w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2)
+    return np.ascontiguousarray(w.reshape(n_heads * head_dim, cols))
+
+
+def rope_rows_to_pairs(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+    """The inverse of `rope_rows_to_halves` (what llama.cpp's converter does)."""
+    cols = w.shape[-1]
+    w = w.reshape(n_heads, 2, head_dim // 2, cols).swapaxes(1, 2)
+    return np.ascontiguousarray(w.reshape(n_heads * head_dim, cols))
+
+
+def check_config(path, cfg: ModelConfig, source: str) -> None:
+    """Reject configs the engine cannot run; `source` says where the fields came from."""
+    for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ModelFormatError(path, f"{source}: {name} must be a positive integer, found {value!r}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ModelFormatError(
+            path, f"{source}: n_heads={cfg.n_heads} is not a multiple of n_kv_heads={cfg.n_kv_heads}")
+    if cfg.head_dim % 2:
+        raise ModelFormatError(path, f"{source}: head_dim={cfg.head_dim} must be even for RoPE")
+    if not cfg.rope_theta > 0:
+        raise ModelFormatError(path, f"{source}: rope theta must be positive, found {cfg.rope_theta!r}")
+    if not cfg.rms_eps > 0:
+        raise ModelFormatError(path, f"{source}: RMSNorm epsilon must be positive, found {cfg.rms_eps!r}")
+
+
+def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[str, str] | None = None) -> None:
+    """Check that `shapes` (canonical name -> shape) is exactly the canonical set.
+
+    `names` maps canonical names to the names the file uses, so errors quote
+    what the user will find in the file.
+    """
+    names = names or {}
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ModelFormatError(path, f"missing tensor '{names.get(name, name)}'")
+        found = tuple(shapes[name])
+        if found != shape:
+            raise ModelFormatError(
+                path, f"tensor '{names.get(name, name)}' has shape {list(found)}, expected {list(shape)}")
+    extra = [n for n in shapes if n not in expected]
+    if extra:
+        raise ModelFormatError(path, f"unexpected tensor '{names.get(extra[0], extra[0])}'")
+
+
+def check_weights(path, cfg: ModelConfig, weights: dict[str, np.ndarray], names: dict[str, str] | None = None) -> dict:
+    """`check_shapes` on arrays; returns them in canonical order as float32 C-contiguous arrays."""
+    check_shapes(path, cfg, {n: w.shape for n, w in weights.items()}, names)
+    return {name: np.ascontiguousarray(weights[name], dtype=np.float32) for name in expected_shapes(cfg)}
