@@ -45,13 +45,13 @@ def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
         raise ModelFormatError(p, "no such tokenizer file")
     try:
         with open(p, "rb") as f:
-            head = f.read(4)
+            head = f.read(64)
     except OSError as e:
         raise ModelFormatError(p, f"cannot read: {e.strerror or e}")
-    if head == b"GGUF":
+    if head[:4] == b"GGUF":
         from .gguf_loader import load_gguf_tokenizer
         return load_gguf_tokenizer(p)
-    if head[:1] in (b"{", b" ", b"\n", b"\t", b"\r") or p.suffix == ".json":
+    if p.suffix == ".json" or (head.lstrip().startswith(b"{") and p.suffix not in (".model", ".bin")):
         data = _read_json(p)
         if data.get("format") == XLLM_FORMAT:
             return tokenizer_from_dict(data, path=p)
