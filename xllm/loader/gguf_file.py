@@ -16,6 +16,7 @@ dequantizers (see dequant.py).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -175,7 +176,7 @@ def read_gguf(path, buf=None):
             raise ModelFormatError(
                 path, f"tensor '{name}': row length {dims[0]} is not a multiple of the "
                       f"{qtype.name} block size {block_values}")
-        n_values = int(np.prod(dims, dtype=np.uint64))
+        n_values = math.prod(dims)
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
         infos.append(_TensorInfo(name, tuple(reversed(dims)), qtype, offset,
                                  n_values // block_values * block_bytes))
@@ -221,6 +222,11 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
     if arch != "llama":
         raise ModelFormatError(
             path, f"unsupported architecture: general.architecture is {arch!r}, supported: ['llama']")
+    n_split = metadata.get("split.count", 1)
+    if n_split != 1:
+        raise ModelFormatError(
+            path, f"split GGUF files are not supported (split.count={n_split}): merge the parts into one "
+                  f"file first (llama.cpp's gguf-split --merge)")
     p = "llama."
     n_experts = metadata.get(p + "expert_count", 0)
     if n_experts:

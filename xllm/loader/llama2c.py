@@ -124,7 +124,7 @@ def load_llama2c(path, load_weights: bool = True) -> Checkpoint:
     if size != expected:
         problem = "truncated llama2.c file" if size < expected else "llama2.c file size does not match its header"
         raise ModelFormatError(
-            path, f"{problem}: header ({header_text}) means {expected} bytes, found {size}")
+            path, f"{problem}: header ({header_text}) expects {expected} bytes, found {size}")
 
     weights = {}
     if load_weights:

@@ -10,6 +10,7 @@ tensors straight out of it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 
@@ -56,7 +57,7 @@ class SafetensorsFile:
             if dtype not in DTYPES:
                 raise ModelFormatError(
                     path, f"tensor '{name}' has unsupported dtype {dtype} (supported: {', '.join(DTYPES)})")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+            nbytes = math.prod(shape) * DTYPES[dtype][1]
             if end - start != nbytes or start < 0:
                 raise ModelFormatError(
                     path, f"tensor '{name}': data_offsets {[start, end]} hold {end - start} bytes, "
@@ -81,3 +82,35 @@ class SafetensorsFile:
         else:
             out = raw.astype(np.float32)  # always a copy, so the file can be closed
         return out.reshape(shape)
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even like PyTorch."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32", metadata: dict | None = None) -> None:
+    """Write float arrays as one safetensors file, stored as `dtype` (F32, F16 or BF16)."""
+    if dtype not in ("F32", "F16", "BF16"):
+        raise ValueError(f"unsupported dtype {dtype}")
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        nbytes = a.size * DTYPES[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for a in tensors.values():
+            if dtype == "BF16":
+                f.write(to_bf16_bits(a).astype("<u2").tobytes())
+            else:
+                f.write(np.ascontiguousarray(a, dtype=DTYPES[dtype][0]).tobytes())
