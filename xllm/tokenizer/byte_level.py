@@ -14,9 +14,12 @@ How a text becomes ids:
 4. BPE merges adjacent symbols by rank (`bpe.py`): "Ġ w o r l d" ->
    "Ġworld" if the merges allow; each final symbol is a vocabulary piece.
 
-Because every byte has a vocabulary entry, any text encodes without an
-unknown token, and decoding is the reverse table: piece -> bytes, join, read
-as UTF-8 (one U+FFFD per malformed subsequence, as Hugging Face does).
+Because every byte normally has a vocabulary entry, any text encodes without
+an unknown token. (Some vocabularies lack a few bytes: SmolLM2 has no piece
+for 21 of them, e.g. 0x04 and 0xFF. Such a byte is dropped before merging,
+exactly as Hugging Face `tokenizers` does; `missing_bytes` lists them.)
+Decoding is the reverse table: piece -> bytes, join, read as UTF-8 (one
+U+FFFD per malformed subsequence, as Hugging Face does).
 
 Speed: most text is made of a few thousand distinct words, so the ids of
 each piece are cached; the merge loop runs once per distinct piece.
@@ -103,8 +106,9 @@ class ByteLevelBPE(Tokenizer):
         # id -> bytes for decoding
         self._id_bytes = [piece_to_bytes(p) if t in (NORMAL, BYTE, UNKNOWN) else p.encode("utf-8")
                           for p, t in zip(self.pieces, self.token_types)]
-        missing = [b for b, c in enumerate(BYTE_TO_CHAR) if c not in self._piece_to_id]
-        self._fallback_id = self.unk_id if missing else None
+        #: bytes that have no piece: text holding them cannot round-trip
+        self.missing_bytes = bytes(b for b, c in enumerate(BYTE_TO_CHAR) if c not in self._piece_to_id)
+        self._missing_chars = {BYTE_TO_CHAR[b] for b in self.missing_bytes}
 
     def _always_matched(self) -> set[int]:
         return {i for i, t in enumerate(self.token_types) if t == USER_DEFINED}
@@ -131,17 +135,14 @@ class ByteLevelBPE(Tokenizer):
         vocab = self._piece_to_id
         if self.ignore_merges and chars in vocab:
             return (vocab[chars],)
+        symbols = list(chars)
+        if self._missing_chars:
+            # A byte the vocabulary lacks (SmolLM2 has no piece for some ASCII
+            # control bytes) is dropped before merging, as Hugging Face does;
+            # its neighbours may then merge with each other.
+            symbols = [c for c in symbols if c not in self._missing_chars]
         ranks = self._ranks
-        symbols = bpe_merge(list(chars), lambda a, b: ranks.get((a, b)))
-        out = []
-        for s in symbols:
-            i = vocab.get(s)
-            if i is None:  # only with a vocabulary that lacks some bytes
-                if self._fallback_id is None:
-                    raise ValueError(f"piece {s!r} is not in the vocabulary and there is no unknown token")
-                i = self._fallback_id
-            out.append(i)
-        return tuple(out)
+        return tuple(vocab[s] for s in bpe_merge(symbols, lambda a, b: ranks.get((a, b))))
 
     # ---------------------------------------------------------------- decode
     def _token_bytes(self, token_id: int, state: list, skip_special: bool) -> bytes:
