@@ -1,0 +1,148 @@
+"""Causal paged attention over a ragged batch (see `xllm.ops.reference.attention`).
+
+The batch holds query rows of several sequences back to back; sequence b owns
+rows cu_q[b] .. cu_q[b+1]-1. Keys and values live in a shared pool of cache
+slots cut into blocks of `block_size`; sequence b's key at position p is in
+slot block_table[b, p // block_size] * block_size + p % block_size.
+
+Work is split into independent (query row, query head) pairs, one `prange`
+iteration each (`_attention`). For one pair, `_attend` makes three passes over
+the keys the row may see (positions 0 .. positions[t]):
+  1. score[p] = dot(scale * q, k[p]), and the maximum score;
+  2. score[p] = exp(score[p] - max), and their sum (in float64);
+  3. out = sum_p score[p] * v[p] / sum.
+Walking the keys block by block finds each slot with an addition instead of a
+division per key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .common import FAST
+
+# Problems `_plan` can find, by the code it returns.
+_PLAN_ERRORS = {
+    1: "cu_q must start at 0, never decrease, and end at the number of query rows",
+    2: "a position is negative",
+    3: "a position needs a block beyond the end of its block_table row",
+    4: "a block_table entry in use is not a block of the cache",
+}
+
+
+@numba.njit(cache=True)
+def _plan(T, n_slots, block_table, block_size, cu_q, positions):
+    """Check the batch description and map each query row to its sequence.
+
+    Returns (row_seq, code, where): row_seq[t] is the sequence of row t; code is
+    0 when everything is valid, else a key of _PLAN_ERRORS, and `where` the
+    offending query row (or sequence, for code 1).
+    """
+    B = cu_q.shape[0] - 1
+    row_seq = np.empty(T, np.int32)
+    n_blocks = n_slots // block_size
+    if B < 0 or cu_q[0] != 0 or cu_q[B] != T:
+        return row_seq, 1, 0
+    for b in range(B):
+        if cu_q[b + 1] < cu_q[b]:
+            return row_seq, 1, b
+        for t in range(cu_q[b], cu_q[b + 1]):
+            row_seq[t] = b
+            if positions[t] < 0:
+                return row_seq, 2, t
+            last_block = positions[t] // block_size
+            if last_block >= block_table.shape[1]:
+                return row_seq, 3, t
+            for blk in range(last_block + 1):
+                if block_table[b, blk] < 0 or block_table[b, blk] >= n_blocks:
+                    return row_seq, 4, t
+    return row_seq, 0, 0
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _attend(q, k_cache, v_cache, block_table, block_size, b, t, h, kvh, n, scale, out):
+    """out[t, h] = attention of query row t, head h over the first n keys of sequence b."""
+    hd = q.shape[2]
+    q_scaled = np.empty(hd, np.float32)
+    for d in range(hd):
+        q_scaled[d] = q[t, h, d] * scale
+    n_blocks = (n + block_size - 1) // block_size
+    scores = np.empty(n, np.float32)
+
+    # Pass 1: scores and their maximum. (`s > m` is False for NaN, so a NaN
+    # score is never the maximum, but it turns the sum of pass 2 into NaN and
+    # so still reaches the output.)
+    m = np.float32(-np.inf)
+    for blk in range(n_blocks):
+        first_slot = block_table[b, blk] * block_size
+        p0 = blk * block_size
+        for j in range(min(block_size, n - p0)):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q_scaled[d] * k_cache[first_slot + j, kvh, d]
+            scores[p0 + j] = s
+            if s > m:
+                m = s
+
+    # Pass 2: unnormalised probabilities exp(s - max) and their sum.
+    total = 0.0
+    for p in range(n):
+        e = math.exp(scores[p] - m)
+        scores[p] = e
+        total += e
+
+    # Pass 3: probability-weighted sum of the values, normalised at the end.
+    acc = np.zeros(hd, np.float32)
+    for blk in range(n_blocks):
+        first_slot = block_table[b, blk] * block_size
+        p0 = blk * block_size
+        for j in range(min(block_size, n - p0)):
+            weight = scores[p0 + j]
+            for d in range(hd):
+                acc[d] += weight * v_cache[first_slot + j, kvh, d]
+    inv_total = np.float32(1.0 / total)
+    for d in range(hd):
+        out[t, h, d] = acc[d] * inv_total
+
+
+@numba.njit(parallel=True, cache=True)
+def _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions, scale, out):
+    """Run `_attend` for every (query row, query head) pair, in parallel."""
+    T, H = q.shape[0], q.shape[1]
+    group = H // k_cache.shape[1]          # query heads per kv head
+    scale32 = np.float32(scale)            # keeps the score arithmetic in float32
+    for job in prange(T * H):
+        t = job // H
+        h = job % H
+        _attend(q, k_cache, v_cache, block_table, block_size, row_seq[t], t, h, h // group,
+                positions[t] + 1, scale32, out)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
+              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
+    """Causal paged attention: q [T, H, hd], caches [S, Hkv, hd] -> new [T, H, hd].
+
+    block_table [B, MAXB] int32, cu_q [B+1] int32, positions [T] int32; query
+    head h reads kv head h // (H // Hkv). The caller has already written the
+    new tokens' keys and values with `store_kv`.
+    """
+    if (q.ndim != 3 or k_cache.ndim != 3 or v_cache.shape != k_cache.shape
+            or q.shape[2] != k_cache.shape[2] or k_cache.shape[1] == 0
+            or q.shape[1] % k_cache.shape[1] != 0):
+        raise ValueError(f"attention: need q [T, H, hd] and caches [S, Hkv, hd] with H a multiple of Hkv, "
+                         f"got q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}")
+    if block_table.ndim != 2 or block_table.shape[0] != cu_q.shape[0] - 1 or positions.shape != q.shape[:1]:
+        raise ValueError(f"attention: need block_table [B, MAXB], cu_q [B+1], positions [T], got "
+                         f"{block_table.shape}, {cu_q.shape}, {positions.shape} for q {q.shape}")
+    if block_size < 1:
+        raise ValueError(f"attention: block_size must be >= 1, got {block_size}")
+    row_seq, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
+    if code:
+        raise ValueError(f"attention: {_PLAN_ERRORS[code]} (at index {where})")
+    out = np.empty(q.shape, np.float32)
+    _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions, scale, out)
+    return out

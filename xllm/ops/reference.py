@@ -1,0 +1,148 @@
+"""Plain numpy versions of every operator: the specification the kernels must match.
+
+Each function here is written to be obviously correct rather than fast: it
+computes in float64 where that is cheap and returns float32, exactly like the
+compiled kernels in `xllm.ops.cpu` (same names, same signatures). The tests
+compare every kernel against these, so when in doubt about what an operator
+means, read it here.
+
+Conventions shared by all operators:
+  * float arrays are float32 and C-contiguous, index arrays are int32;
+  * every operator returns a new array, except `store_kv`, which writes into
+    the caches it is given;
+  * `T` is the number of token rows in the (possibly ragged) batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+F64 = np.float64
+
+
+def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row lookup: out[t] = table[ids[t]].  table [V, D], ids [T] -> [T, D]."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"embedding: token id out of range [0, {table.shape[0]})")
+    return np.array(table[ids], dtype=F32)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMS normalisation of each row: y = x / sqrt(mean(x^2) + eps) * w.  [T, D] -> [T, D]."""
+    x64 = x.astype(F64)
+    ms = np.mean(x64 * x64, axis=-1, keepdims=True)
+    return (x64 / np.sqrt(ms + eps) * w.astype(F64)).astype(F32)
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Dense layer without bias: y = x @ w.T.  x [T, K], w [N, K] -> [T, N].
+
+    The weight is stored [out_features, in_features] (PyTorch/GGUF order), so
+    every output is a dot product of two contiguous rows.
+    """
+    return (x.astype(F64) @ w.astype(F64).T).astype(F32)
+
+
+def rope_tables(theta: float, head_dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cos/sin tables for rotary embeddings, each float32 [max_pos, head_dim // 2].
+
+    Frequency i is inv_freq[i] = 1 / theta ** (2i / head_dim); the angle at
+    position p is p * inv_freq[i]. Angles are computed in float64 so that large
+    positions keep their precision, then the tables are rounded to float32.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rope_tables: head_dim must be even, got {head_dim}")
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=F64) / head_dim)
+    angles = np.arange(max_pos, dtype=F64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary position embedding, Hugging Face "rotate-half" layout.
+
+    x [T, H, hd]; row t is rotated by the angles of position positions[t].
+    Element i of the first half pairs with element i + hd/2:
+        out[i]        = x[i] * c - x[i + hd/2] * s
+        out[i + hd/2] = x[i + hd/2] * c + x[i] * s
+    with c = cos[pos, i], s = sin[pos, i].
+    """
+    half = x.shape[-1] // 2
+    positions = np.asarray(positions)
+    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
+        raise ValueError(f"rope: position out of range [0, {cos.shape[0]})")
+    c = cos[positions].astype(F64)[:, None, :]          # [T, 1, half]
+    s = sin[positions].astype(F64)[:, None, :]
+    x1 = x[..., :half].astype(F64)
+    x2 = x[..., half:].astype(F64)
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(F32)
+
+
+def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+             slot_mapping: np.ndarray) -> None:
+    """Write the new keys/values into the paged caches: cache[slot_mapping[t]] = new[t]."""
+    slot_mapping = np.asarray(slot_mapping)
+    if slot_mapping.size and (slot_mapping.min() < 0 or slot_mapping.max() >= k_cache.shape[0]):
+        raise ValueError(f"store_kv: slot out of range [0, {k_cache.shape[0]})")
+    k_cache[slot_mapping] = k
+    v_cache[slot_mapping] = v
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
+              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
+    """Causal paged attention over a ragged batch with grouped-query heads.
+
+    q [T, H, hd]; caches [S, Hkv, hd]; block_table [B, MAXB]; cu_q [B+1].
+    Sequence b owns query rows cu_q[b] .. cu_q[b+1]-1. Row t attends to the
+    keys of its sequence at positions 0 .. positions[t]; key position p of
+    sequence b is in cache slot block_table[b, p // block_size] * block_size
+    + p % block_size. Query head h reads kv head h // (H // Hkv).
+    """
+    T, H, hd = q.shape
+    Hkv = k_cache.shape[1]
+    group = H // Hkv
+    out = np.zeros((T, H, hd), dtype=F32)
+    for b in range(len(cu_q) - 1):
+        lo, hi = int(cu_q[b]), int(cu_q[b + 1])
+        if hi <= lo:
+            continue
+        pos = positions[lo:hi].astype(np.int64)                 # [t]
+        n = int(pos.max()) + 1                                  # keys this sequence needs
+        p = np.arange(n)
+        slots = block_table[b, p // block_size].astype(np.int64) * block_size + p % block_size
+        keys = np.repeat(k_cache[slots].astype(F64), group, axis=1)    # [n, H, hd]
+        vals = np.repeat(v_cache[slots].astype(F64), group, axis=1)
+        scores = np.einsum("thd,nhd->htn", q[lo:hi].astype(F64), keys) * scale
+        future = p[None, :] > pos[:, None]                      # [t, n]: key after query
+        scores = np.where(future[None], -np.inf, scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[lo:hi] = np.einsum("htn,nhd->thd", probs, vals)
+    return out
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """SwiGLU activation: [T, 2F] -> [T, F], out = silu(g) * u with g, u the two halves.
+
+    sigmoid is evaluated from exp(-|g|), which never overflows.
+    """
+    F = gate_up.shape[-1] // 2
+    g = gate_up[:, :F].astype(F64)
+    u = gate_up[:, F:].astype(F64)
+    e = np.exp(-np.abs(g))
+    sig = np.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return (g * sig * u).astype(F32)
+
+
+def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Elementwise x + y of two arrays of the same shape (the residual add)."""
+    if x.shape != y.shape:
+        raise ValueError(f"add: shapes differ: {x.shape} vs {y.shape}")
+    return (x + y).astype(F32)
+
+
+def logits(x: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Output projection of selected rows only: linear(x[rows], w).  -> [R, V]."""
+    return linear(x[rows], w)
