@@ -1,0 +1,193 @@
+"""Speed of the CPU operators at SmolLM2-135M shapes, beside numpy in the same run.
+
+    python -m bench.ops_cpu [--threads N] [--quick]
+
+Each row times one operator call (best of several batches, so a busy machine
+shows as noise, not as a slower kernel) and gives its rate: GB/s for
+memory-bound work (bytes read + written), GFLOP/s for products. The numpy
+column is BLAS (`x @ w.T`, float32) for `linear` and the reference operator
+(`xllm.ops.reference`) for the rest; "stream read" is the speed at which this
+machine can read memory at all, the ceiling for decode's GEMV.
+
+"cold" GEMV rows cycle through enough copies of the weight to overflow the
+last-level cache, as in a real decode step where each weight is read once per
+token; "hot" rows reuse one weight that stays in cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numba
+import numpy as np
+
+from xllm.ops import get_ops
+
+cpu = get_ops("cpu")
+ref = get_ops("reference")
+
+DIM, HIDDEN, VOCAB = 576, 1536, 49152
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+GEMV_SHAPES = [(1536, 576), (3072, 576), (576, 1536), (960, 576), (49152, 576)]
+COLD_POOL_BYTES = 128 << 20          # 4x this machine's 32 MiB L3
+
+
+def best_time(fn, min_batch_s: float = 0.05, batches: int = 5) -> float:
+    """Seconds per call of fn(): the best mean over `batches` batches of calls."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    calls = max(1, int(min_batch_s / once))
+    best = float("inf")
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+class Table:
+    def __init__(self):
+        print(f"{'op':<22} {'shape':<28} {'xllm':>10} {'rate':>12}   {'numpy':>10} {'rate':>12}")
+
+    def row(self, op, shape, ours, amount, unit, theirs=None):
+        """`amount` is bytes (unit GB/s) or flops (unit GFLOP/s) per call."""
+        def cell(t):
+            if t is None:
+                return f"{'-':>10} {'':>12}"
+            return f"{t * 1e6:8.1f}us {amount / t / 1e9:7.1f} {unit:<4}"
+        print(f"{op:<22} {shape:<28} {cell(ours)}   {cell(theirs)}", flush=True)
+
+
+def bench_stream_read(table):
+    a = np.ones(VOCAB * DIM, np.float32)
+
+    @numba.njit(parallel=True, fastmath={"reassoc"})
+    def total(x):
+        s = np.float32(0.0)
+        for i in numba.prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    table.row("stream read", f"{a.nbytes >> 20} MiB", best_time(lambda: total(a)), a.nbytes, "GB/s",
+              best_time(lambda: a.sum()))
+
+
+def bench_gemv(table, rng):
+    for N, K in GEMV_SHAPES:
+        w = rng.standard_normal((N, K), dtype=np.float32)
+        xk = rng.standard_normal((1, K), dtype=np.float32)
+        pool = [w] + [w.copy() for _ in range(max(1, COLD_POOL_BYTES // w.nbytes))]
+        turn = [0]
+
+        def cycle(fn):
+            def call():
+                turn[0] += 1
+                return fn(xk, pool[turn[0] % len(pool)])
+            return call
+
+        table.row("linear T=1 cold", f"{N}x{K}", best_time(cycle(cpu.linear)), w.nbytes, "GB/s",
+                  best_time(cycle(lambda a, b: a @ b.T)))
+        if w.nbytes < (8 << 20):
+            table.row("linear T=1 hot", f"{N}x{K}", best_time(lambda: cpu.linear(xk, w)), w.nbytes, "GB/s",
+                      best_time(lambda: xk @ w.T))
+
+
+def bench_gemm(table, rng, token_counts):
+    for T in token_counts:
+        for N, K in GEMV_SHAPES[:4]:
+            x = rng.standard_normal((T, K), dtype=np.float32)
+            w = rng.standard_normal((N, K), dtype=np.float32)
+            table.row(f"linear T={T}", f"{N}x{K}", best_time(lambda: cpu.linear(x, w)), 2 * T * N * K,
+                      "GF/s", best_time(lambda: x @ w.T))
+
+
+def paged(rng, lengths, n_rows, block_size=128):
+    """A paged batch: sequence b has lengths[b] cached tokens, the last n_rows[b] are queries."""
+    need = [-(-L // block_size) for L in lengths]
+    order = rng.permutation(sum(need)).astype(np.int32)
+    table = np.zeros((len(lengths), max(need)), np.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = order[at: at + n]
+        at += n
+    S = sum(need) * block_size
+    k_cache = rng.standard_normal((S, KV_HEADS, HEAD_DIM), dtype=np.float32)
+    v_cache = rng.standard_normal((S, KV_HEADS, HEAD_DIM), dtype=np.float32)
+    cu_q = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int32)
+    positions = np.concatenate([np.arange(L - n, L) for L, n in zip(lengths, n_rows)]).astype(np.int32)
+    q = rng.standard_normal((int(cu_q[-1]), HEADS, HEAD_DIM), dtype=np.float32)
+    return q, k_cache, v_cache, table, block_size, cu_q, positions, HEAD_DIM ** -0.5
+
+
+def bench_attention(table, rng, quick):
+    cases = [("decode B=1", [128], [1]), ("decode B=1", [512], [1]), ("decode B=1", [2048], [1]),
+             ("decode B=8", [512 + 97 * i for i in range(8)], [1] * 8), ("prefill T=128", [128], [128])]
+    if not quick:
+        cases.append(("prefill T=512", [512], [512]))
+    for name, lengths, n_rows in cases:
+        args = paged(rng, lengths, n_rows)
+        keys = int((args[6] + 1).sum())              # (row, key) pairs
+        flops = 4 * HEADS * HEAD_DIM * keys          # q.k and p*v, 2 flops per multiply-add
+        shape = f"ctx {lengths[0]}" + ("..." + str(lengths[-1]) if len(lengths) > 1 else "")
+        table.row(f"attention {name}", shape, best_time(lambda: cpu.attention(*args)), flops, "GF/s",
+                  best_time(lambda: ref.attention(*args)))
+
+
+def bench_pointwise(table, rng, T):
+    """The row-wise operators at T tokens (T=1: decode, where call overhead is the cost)."""
+    f32 = np.float32
+    x = rng.standard_normal((T, DIM), dtype=f32)
+    w = rng.standard_normal(DIM, dtype=f32)
+    ids = rng.integers(0, VOCAB, T).astype(np.int32)
+    emb = rng.standard_normal((VOCAB, DIM), dtype=f32)
+    q = rng.standard_normal((T, HEADS, HEAD_DIM), dtype=f32)
+    pos = np.arange(T, dtype=np.int32)
+    cos, sin = ref.rope_tables(100000.0, HEAD_DIM, 8192)
+    gate_up = rng.standard_normal((T, 2 * HIDDEN), dtype=f32)
+    k = rng.standard_normal((T, KV_HEADS, HEAD_DIM), dtype=f32)
+    k_cache = np.zeros((8192, KV_HEADS, HEAD_DIM), f32)
+    v_cache = np.zeros_like(k_cache)
+    slots = rng.permutation(8192)[:T].astype(np.int32)
+    rows = np.array([T - 1], np.int32)
+    out_w = rng.standard_normal((VOCAB, DIM), dtype=f32)
+    for name, args, nbytes in [
+        ("embedding", (emb, ids), 2 * x.nbytes),
+        ("rmsnorm", (x, w, 1e-5), 2 * x.nbytes),
+        ("rope", (q, pos, cos, sin), 3 * q.nbytes),
+        ("silu_mul", (gate_up,), 1.5 * gate_up.nbytes),
+        ("add", (x, x), 3 * x.nbytes),
+        ("store_kv", (k, k, k_cache, v_cache, slots), 4 * k.nbytes),
+        ("logits (1 row)", (x, rows, out_w), out_w.nbytes),
+    ]:
+        shape = "x".join(str(s) for s in args[0].shape) if name != "logits (1 row)" else f"{T}x{DIM} -> 1x{VOCAB}"
+        ours = best_time(lambda: getattr(cpu, name.split()[0])(*args))
+        theirs = best_time(lambda: getattr(ref, name.split()[0])(*args))
+        table.row(f"{name} T={T}", shape, ours, nbytes, "GB/s", theirs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"threads {numba.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, "
+          f"numpy {np.__version__}, numba {numba.__version__}")
+    table = Table()
+    bench_stream_read(table)
+    bench_gemv(table, rng)
+    bench_gemm(table, rng, [16, 128] if args.quick else [16, 128, 512])
+    bench_attention(table, rng, args.quick)
+    for T in (1, 512):
+        bench_pointwise(table, rng, T)
+    print(f"threading layer {numba.threading_layer()}, load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
