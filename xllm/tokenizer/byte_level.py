@@ -108,7 +108,9 @@ class ByteLevelBPE(Tokenizer):
                           for p, t in zip(self.pieces, self.token_types)]
         #: bytes that have no piece: text holding them cannot round-trip
         self.missing_bytes = bytes(b for b, c in enumerate(BYTE_TO_CHAR) if c not in self._piece_to_id)
-        self._missing_chars = {BYTE_TO_CHAR[b] for b in self.missing_bytes}
+        self._to_vocab = dict(_LATIN1_TO_VOCAB)
+        for b in self.missing_bytes:
+            self._to_vocab[b] = None
 
     def _always_matched(self) -> set[int]:
         return {i for i, t in enumerate(self.token_types) if t == USER_DEFINED}
@@ -131,18 +133,14 @@ class ByteLevelBPE(Tokenizer):
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
         """Ids of one pre-tokenizer piece: bytes -> vocabulary characters -> BPE."""
-        chars = piece.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_VOCAB)
+        # A byte the vocabulary lacks (SmolLM2 has no piece for some ASCII
+        # control bytes) is dropped here, before merging, as Hugging Face
+        # does (its neighbours may then merge): `_to_vocab` deletes it.
+        chars = piece.encode("utf-8").decode("latin-1").translate(self._to_vocab)
         vocab = self._piece_to_id
         if self.ignore_merges and chars in vocab:
             return (vocab[chars],)
-        symbols = list(chars)
-        if self._missing_chars:
-            # A byte the vocabulary lacks (SmolLM2 has no piece for some ASCII
-            # control bytes) is dropped before merging, as Hugging Face does;
-            # its neighbours may then merge with each other.
-            symbols = [c for c in symbols if c not in self._missing_chars]
-        ranks = self._ranks
-        return tuple(vocab[s] for s in bpe_merge(symbols, lambda a, b: ranks.get((a, b))))
+        return tuple(map(vocab.__getitem__, bpe_merge(list(chars), self._ranks)))
 
     # ---------------------------------------------------------------- decode
     def _token_bytes(self, token_id: int, state: list, skip_special: bool) -> bytes:

@@ -105,21 +105,25 @@ class SentencePieceBPE(Tokenizer):
             if len(self.scores) != self.vocab_size:
                 raise ValueError(f"{len(self.scores)} scores for {self.vocab_size} pieces")
             self._mergeable = {p: i for i, p in enumerate(self.pieces) if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
-            neg_score = {p: -self.scores[i] for p, i in self._mergeable.items()}
-            self._priority = lambda a, b: neg_score.get(a + b)
-            products = neg_score.keys()
+            # Merging (left, right) makes the piece left+right; its priority is
+            # minus that piece's score. Listed for every way to cut each piece.
+            priorities: dict[tuple[str, str], float] = {}
+            for p, i in self._mergeable.items():
+                for k in range(1, len(p)):
+                    priorities[(p[:k], p[k:])] = -self.scores[i]
+            products = list(self._mergeable)
         else:
             self._mergeable = {p: i for i, p in enumerate(self.pieces) if types[i] != CONTROL}
-            ranks: dict[tuple[str, str], int] = {}
+            priorities = {}
             for r, pair in enumerate(self.merges):
-                ranks.setdefault(pair, r)
-            self._priority = lambda a, b: ranks.get((a, b))
+                priorities.setdefault(pair, r)
             products = [a + b for a, b in self.merges]
+        self._priorities = priorities
         self._has_unused = UNUSED in types
         # Merges never cross the start of a "▁" run unless some piece has "▁"
         # right after another character (see module doc).
         lone = re.compile(f"[^{SPACE_SYMBOL}]{SPACE_SYMBOL}")
-        self._split_words = not any(lone.search(p) for p in list(products) + user_defined)
+        self._split_words = not any(lone.search(p) for p in products + user_defined)
 
         self._byte_ids: list[Optional[int]] = [None] * 256
         for i, (p, t) in enumerate(zip(self.pieces, types)):
@@ -175,7 +179,7 @@ class SentencePieceBPE(Tokenizer):
                 ids.append(self._mergeable[part])
             elif part:
                 pushed: Optional[dict[str, tuple[str, str]]] = {} if self._has_unused else None
-                for sym in bpe_merge(list(part), self._priority, pushed):
+                for sym in bpe_merge(list(part), self._priorities, pushed):
                     self._emit(sym, ids, pushed)
         return tuple(ids)
 
