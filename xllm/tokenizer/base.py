@@ -16,7 +16,7 @@ turns back into bytes (`_token_bytes`); the rest lives here:
   CONTROL (and UNKNOWN) token's text is recognised, longest first.
 
       >>> tok.encode("<|im_end|>")                      # doctest: +SKIP
-      [44, 108, 306, 46, 456, 108, 46]
+      [44, 108, 306, 79, 486, 108, 46]
       >>> tok.encode("<|im_end|>", allow_special=True)  # doctest: +SKIP
       [2]
 
@@ -142,6 +142,15 @@ class Tokenizer:
         is in `self.add_bos`). allow_special: recognise the text of special
         tokens (e.g. "<|im_start|>") as those tokens; leave False for text a
         user typed."""
+        try:
+            return self._encode(text, add_bos, allow_special, add_eos)
+        except UnicodeEncodeError:
+            # Lone surrogates ("\ud800") are not text UTF-8 can hold: read them
+            # as U+FFFD (valid surrogate pairs become their character).
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._encode(text, add_bos, allow_special, add_eos)
+
+    def _encode(self, text: str, add_bos: bool, allow_special: bool, add_eos: bool) -> list[int]:
         ids: list[int] = []
         if add_bos and self.bos_id is not None:
             ids.append(self.bos_id)

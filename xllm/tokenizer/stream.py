@@ -17,9 +17,11 @@ arrives. Hence the guarantee: the concatenation of everything `push` and
 `flush` return equals `tokenizer.decode(all ids)`, and no returned chunk ends
 in a broken character.
 
-    >>> dec = tok.stream_decoder()                        # doctest: +SKIP
-    >>> [dec.push(i) for i in tok.encode("née")] + [dec.flush()]  # doctest: +SKIP
-    ['n', '', 'ée', '']
+With Llama 2, "😀" is four byte tokens; the first three print nothing::
+
+    >>> dec = llama2.stream_decoder()                             # doctest: +SKIP
+    >>> [dec.push(i) for i in llama2.encode("née 😀")] + [dec.flush()]  # doctest: +SKIP
+    ['n', 'ée', ' ', '', '', '', '😀', '']
 """
 
 from __future__ import annotations
