@@ -69,19 +69,19 @@ _DIGITS_THEN_GPT2 = [
     {"type": "regex", "pattern": GPT2_PATTERN},
 ]
 
-#: `tokenizer.ggml.pre` name -> pre-tokenizer spec (see `PreTokenizer.from_spec`).
+_GPT2 = [{"type": "regex", "pattern": GPT2_PATTERN}]
+_LLAMA3 = [{"type": "regex", "pattern": LLAMA3_PATTERN}]
+_QWEN2 = [{"type": "regex", "pattern": QWEN2_PATTERN}]
+
+#: `tokenizer.ggml.pre` name -> pre-tokenizer spec (see `PreTokenizer.from_spec`),
+#: grouped as llama.cpp groups them. "default" (GGUFs written before
+#: llama.cpp recorded the pre-tokenizer) is taken as GPT-2's.
 PRESETS: dict[str, list[dict]] = {
-    "default": [{"type": "regex", "pattern": GPT2_PATTERN}],
-    "gpt2": [{"type": "regex", "pattern": GPT2_PATTERN}],
-    "gpt-2": [{"type": "regex", "pattern": GPT2_PATTERN}],
-    "phi-2": [{"type": "regex", "pattern": GPT2_PATTERN}],
-    "llama3": [{"type": "regex", "pattern": LLAMA3_PATTERN}],
-    "llama-v3": [{"type": "regex", "pattern": LLAMA3_PATTERN}],
-    "llama-bpe": [{"type": "regex", "pattern": LLAMA3_PATTERN}],
-    "qwen2": [{"type": "regex", "pattern": QWEN2_PATTERN}],
-    "smollm": _DIGITS_THEN_GPT2,
-    "starcoder": _DIGITS_THEN_GPT2,
-    "refact": _DIGITS_THEN_GPT2,
+    **{name: _GPT2 for name in ("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais")},
+    **{name: _LLAMA3 for name in ("llama3", "llama-v3", "llama-bpe")},
+    **{name: _QWEN2 for name in ("qwen2", "stablelm2")},
+    **{name: _DIGITS_THEN_GPT2 for name in ("smollm", "starcoder", "refact", "command-r", "codeshell",
+                                             "exaone", "minerva-7b")},
 }
 
 # --------------------------------------------------------------------------
