@@ -17,7 +17,13 @@ comes from the `TemplateProcessing` post-processor, or from a
 present, adds its `eos_token_id`s to `eos_ids`.
 
 Anything else (WordPiece, Unigram, a `Whitespace` pre-tokenizer...) raises
-`ModelFormatError` naming the unsupported part.
+`ModelFormatError` naming the unsupported part. Known gaps: added tokens'
+`lstrip` / `rstrip` / `single_word` / `normalized` options are ignored;
+non-special added tokens of a SentencePiece-style file are kept whole inside
+the text (sentencepiece's user-defined rule) rather than cut out before
+normalization; `Metaspace(split=true)` is read like `split=false` (the same
+ids whenever no vocabulary piece has a "▁" after another character, true of
+Llama-family vocabularies).
 """
 
 from __future__ import annotations
