@@ -351,6 +351,24 @@ def test_gguf_k_quant_tensors(tmp_path):
         np.testing.assert_array_equal(ck.weights[canon], expected, err_msg=canon)
 
 
+def test_gguf_weights_match_transformers_gguf_loader(tmp_path):
+    """transformers' own GGUF loader reverses llama.cpp's q/k permutation too: same numbers."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_config()
+    weights = random_weights(cfg, seed=2)
+    write_gguf(tmp_path / "m.gguf", cfg, weights, {"layers.0.wq": Q.Q8_0, "layers.1.wk": Q.Q4_0})
+    ours = load_checkpoint(tmp_path / "m.gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    theirs = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    for canon, w in ours.weights.items():
+        np.testing.assert_array_equal(w, theirs[hf_name(canon)], err_msg=canon)
+    tf_config = model.config.to_dict()
+    theta = tf_config.get("rope_theta") or (tf_config.get("rope_parameters") or {}).get("rope_theta")
+    assert theta == ours.config.rope_theta
+    assert model.config.num_key_value_heads == ours.config.n_kv_heads
+
+
 def test_gguf_metadata_is_plain_python_and_matches_gguf_reader(tmp_path):
     cfg = tiny_config()
     write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg))
@@ -434,6 +452,24 @@ def test_hf_config_variants(tmp_path):
     assert ck.config.tied_embeddings and "output" not in ck.weights
     assert ck.metadata["generation_config"]["eos_token_id"] == [5, 9]
     assert_same_weights(ck.weights, weights)
+
+
+def test_hf_reads_what_transformers_saves(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=50000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    ck = load_checkpoint(tmp_path)
+    assert config_fields(ck.config) == config_fields(
+        tiny_config(rope_theta=50000.0, rms_eps=1e-6, tied_embeddings=True))
+    state = model.state_dict()
+    for canon, w in ck.weights.items():
+        np.testing.assert_array_equal(w, state[hf_name(canon)].float().numpy(), err_msg=canon)
 
 
 def test_hf_rejects_unsupported_rope_scaling(tmp_path):
@@ -613,6 +649,33 @@ def test_error_gguf_unexpected_tensor(tmp_path):
     write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg),
                extra_tensors={"rope_freqs.weight": (Q.F32, np.ones(8, np.float32))})
     expect_error(tmp_path / "m.gguf", "rope_freqs.weight", "not supported")
+
+
+def test_corrupt_headers_give_model_format_errors_only(tmp_path):
+    """Random damage to any header either still loads or is one ModelFormatError, never a deep traceback."""
+    cfg = tiny_config()
+    weights = random_weights(cfg)
+    write_gguf(tmp_path / "m.gguf", cfg, weights, {"layers.0.wq": Q.Q4_1})
+    write_hf(tmp_path / "hf", cfg, weights, "BF16")
+    export_llama2c(load_checkpoint(tmp_path / "hf"), tmp_path / "m.bin")
+    st = tmp_path / "hf" / "model.safetensors"
+    st_header = 8 + int.from_bytes(st.read_bytes()[:8], "little")
+    (tmp_path / "hf2").mkdir()
+    (tmp_path / "hf2" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    cases = [(tmp_path / "m.gguf", tmp_path / "bad.gguf", 2500), (tmp_path / "m.bin", tmp_path / "bad.bin", 28),
+             (st, tmp_path / "hf2" / "model.safetensors", st_header)]
+    rng = np.random.default_rng(0)
+    for source, target, header_len in cases:
+        data = source.read_bytes()
+        for _ in range(60):
+            damaged = bytearray(data)
+            for pos in rng.integers(0, header_len, size=3):
+                damaged[pos] = int(rng.integers(0, 256))
+            target.write_bytes(bytes(damaged[: len(damaged) if rng.random() < 0.8 else int(rng.integers(len(data)))]))
+            try:
+                load_checkpoint(target)
+            except ModelFormatError as e:
+                assert "\n" not in str(e)
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,6 +214,8 @@ def _get(path, metadata, key, kind, default=None, required=True):
         raise ModelFormatError(path, f"metadata '{key}' should be an integer, found {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ModelFormatError(path, f"metadata '{key}' should be a number, found {value!r}")
+    if key.startswith("llama.") and kind is int and value <= 0:
+        raise ModelFormatError(path, f"metadata '{key}' must be positive, found {value!r}")
     return kind(value)
 
 
@@ -244,7 +246,7 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
     if head_dim and value_dim not in (None, head_dim):
         raise ModelFormatError(
             path, f"{p}attention.value_length={value_dim} differs from key_length={head_dim} (not supported)")
-    if not head_dim and n_heads > 0:
+    if not head_dim:
         head_dim = dim // n_heads
     rope_dims = metadata.get(p + "rope.dimension_count")
     if rope_dims is not None and rope_dims != head_dim:

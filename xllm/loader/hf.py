@@ -77,7 +77,9 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
                   f"{raw.get('model_type')!r}, supported: ['llama']")
 
     def get(key, kind, default=None, required=True):
-        value = raw.get(key, default)
+        value = raw.get(key)
+        if value is None:       # absent, or written as null
+            value = default
         if value is None:
             if required:
                 raise ModelFormatError(path, f"missing field '{key}'")
@@ -87,6 +89,8 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
             ok = ok and float(value).is_integer()
         if not ok:
             raise ModelFormatError(path, f"field '{key}' should be a number, found {value!r}")
+        if kind is int and value <= 0 and key != "head_dim":
+            raise ModelFormatError(path, f"field '{key}' must be positive, found {value!r}")
         return kind(value)
 
     act = raw.get("hidden_act", "silu")

@@ -115,6 +115,10 @@ def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[s
     what the user will find in the file.
     """
     names = names or {}
+    # A corrupt layer count could ask for millions of names: compare counts first.
+    if 9 * cfg.n_layers > len(shapes):
+        raise ModelFormatError(
+            path, f"the config says {cfg.n_layers} layers (9 tensors each) but there are only {len(shapes)} tensors")
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in shapes:

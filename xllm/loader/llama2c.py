@@ -119,8 +119,10 @@ def load_llama2c(path, load_weights: bool = True) -> Checkpoint:
     )
     check_config(path, cfg, "llama2.c header")
 
-    arrays = _layout(cfg, version, shared)
-    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in arrays)
+    L, dim, kv, hd = n_layers, dim, cfg.kv_dim, cfg.head_dim
+    n_floats = (vocab * dim * (1 if shared else 2) + L * (2 * dim + 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim)
+                + dim + (seq_len * hd if version == 0 else 0))
+    expected = header_bytes + 4 * n_floats
     if size != expected:
         problem = "truncated llama2.c file" if size < expected else "llama2.c file size does not match its header"
         raise ModelFormatError(
@@ -128,6 +130,8 @@ def load_llama2c(path, load_weights: bool = True) -> Checkpoint:
 
     weights = {}
     if load_weights:
+        arrays = _layout(cfg, version, shared)
+        assert header_bytes + 4 * sum(math.prod(shape) for _, shape in arrays) == expected
         data = np.memmap(path, dtype="<f4", mode="r", offset=header_bytes)
         pos = 0
         for name, shape in arrays:
