@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -108,6 +109,9 @@ class _Reader:
             itype = self.u32(what)
             count = self.u64(what)
             if itype in _NUMPY:
+                # Numeric arrays in one go (float32 ones come back as the exact
+                # float32 values, e.g. SentencePiece scores; only scalars get the
+                # shortest-decimal treatment above).
                 n = count * _SCALARS[itype][1]
                 self.need(n, what)
                 arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.pos)
@@ -117,11 +121,15 @@ class _Reader:
         raise ModelFormatError(self.path, f"{what} has unknown GGUF value type {vtype}")
 
 
-class _TensorInfo:
-    __slots__ = ("name", "shape", "qtype", "offset", "nbytes")
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table."""
 
-    def __init__(self, name, shape, qtype, offset, nbytes):
-        self.name, self.shape, self.qtype, self.offset, self.nbytes = name, shape, qtype, offset, nbytes
+    name: str                   # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]      # numpy order (slowest dimension first)
+    qtype: GGMLQuantizationType
+    offset: int                 # from the start of the tensor data section
+    nbytes: int
 
 
 def read_gguf(path, buf=None):
@@ -178,7 +186,7 @@ def read_gguf(path, buf=None):
                       f"{qtype.name} block size {block_values}")
         n_values = math.prod(dims)
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
-        infos.append(_TensorInfo(name, tuple(reversed(dims)), qtype, offset,
+        infos.append(TensorInfo(name, tuple(reversed(dims)), qtype, offset,
                                  n_values // block_values * block_bytes))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
