@@ -18,27 +18,11 @@ from pathlib import Path
 
 from xllm.errors import XllmError
 from xllm.loader import load_checkpoint
+from xllm.loader.hf import hf_name
 from xllm.loader.layout import Checkpoint
 from xllm.loader.safetensors_file import write_safetensors
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
-}
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def hf_name(canon: str) -> str:
-    """Canonical name -> Hugging Face tensor name ('layers.3.wq' -> 'model.layers.3.self_attn.q_proj.weight')."""
-    if canon == "tok_embeddings":
-        return "model.embed_tokens.weight"
-    if canon == "norm":
-        return "model.norm.weight"
-    if canon == "output":
-        return "lm_head.weight"
-    _, i, kind = canon.split(".")
-    return f"model.layers.{i}.{_LAYER_NAMES[kind]}.weight"
 
 
 def hf_config(ck: Checkpoint, dtype: str = "F32") -> dict:

@@ -622,6 +622,15 @@ def test_error_missing_or_not_a_model(tmp_path):
     expect_error(d, "no_weights", "model.safetensors")
 
 
+def test_error_missing_tensor_names_it_as_the_file_would(tmp_path):
+    cfg = tiny_config()
+    weights = random_weights(cfg)
+    write_hf(tmp_path / "hf", cfg, {n: w for n, w in weights.items() if n != "output"})
+    expect_error(tmp_path / "hf", "hf", "missing tensor 'lm_head.weight'")
+    write_gguf(tmp_path / "m.gguf", cfg, {n: w for n, w in weights.items() if n != "layers.1.w_up"})
+    expect_error(tmp_path / "m.gguf", "m.gguf", "missing tensor 'blk.1.ffn_up.weight'")
+
+
 def test_error_unsupported_gguf_tensor_type(tmp_path):
     cfg = tiny_config()
     weights = random_weights(cfg)

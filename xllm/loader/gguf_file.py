@@ -28,7 +28,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .dequant import SUPPORTED, dequantize
-from .layout import Checkpoint, check_config, check_shapes, check_weights, rope_rows_to_halves
+from .layout import (Checkpoint, check_config, check_shapes, check_weights, expected_shapes,
+                     rope_rows_to_halves)
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -310,6 +311,16 @@ def canonical_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(canon: str) -> str:
+    """The inverse of `canonical_name`: 'layers.3.wq' -> 'blk.3.attn_q.weight'."""
+    for g, c in _GLOBAL_TENSORS.items():
+        if c == canon:
+            return g + ".weight"
+    _, i, kind = canon.split(".")
+    g = next(g for g, c in _LAYER_TENSORS.items() if c == kind)
+    return f"blk.{i}.{g}.weight"
+
+
 def load_gguf(path, load_weights: bool = True) -> Checkpoint:
     size = os.path.getsize(path)
     buf = _map(path, size)
@@ -327,7 +338,8 @@ def load_gguf(path, load_weights: bool = True) -> Checkpoint:
             raise ModelFormatError(path, f"unexpected tensor '{t.name}'{hint}")
         names[canon] = t.name
     # Check names and shapes before the (slower) dequantization.
-    check_shapes(path, cfg, {canonical_name(t.name): t.shape for t in infos}, names)
+    check_shapes(path, cfg, {canonical_name(t.name): t.shape for t in infos},
+                 {c: gguf_name(c) for c in expected_shapes(cfg)} | names)
 
     weights = {}
     if load_weights:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .layout import Checkpoint, check_config, check_shapes, check_weights
+from .layout import Checkpoint, check_config, check_shapes, check_weights, expected_shapes
 from .safetensors_file import SafetensorsFile
 
 SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM"]
@@ -38,6 +38,16 @@ def canonical_name(hf_name: str) -> str | None:
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _LAYER_TENSORS:
         return f"layers.{int(parts[2])}.{_LAYER_TENSORS[parts[3]]}"
     return None
+
+
+def hf_name(canon: str) -> str:
+    """The inverse of `canonical_name`: 'layers.3.wq' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    for hf, c in _GLOBAL_TENSORS.items():
+        if c == canon:
+            return hf + ".weight"
+    _, i, kind = canon.split(".")
+    hf = next(h for h, c in _LAYER_TENSORS.items() if c == kind)
+    return f"model.layers.{i}.{hf}.weight"
 
 
 def _read_json(path: Path) -> dict:
@@ -220,7 +230,8 @@ def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
         return located[names[canon]].path if canon in names else directory
 
     try:
-        check_shapes(directory, cfg, {c: located[n].shape(n) for c, n in names.items()}, names)
+        check_shapes(directory, cfg, {c: located[n].shape(n) for c, n in names.items()},
+                     {c: names.get(c) or hf_name(c) for c in expected_shapes(cfg)} | names)
     except ModelFormatError as e:
         # Name the file that holds the offending tensor, not just the directory.
         bad = next((c for c, n in names.items() if f"'{n}'" in e.problem), None)
