@@ -77,7 +77,7 @@ def run(args) -> int:
     def answer(text: str) -> None:
         prompt = convo.add_user(text)
         computed_before = session.tokens_computed
-        stream = tok.stream_decoder()
+        stream = tok.stream_decoder(prefix_ids=prompt)
         out: list[int] = []
         t0 = time.perf_counter()
         t_first = None
