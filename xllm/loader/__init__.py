@@ -17,7 +17,6 @@ Every problem with the input is raised as one `ModelFormatError`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import ModelFormatError

@@ -119,9 +119,12 @@ def load_llama2c(path, load_weights: bool = True) -> Checkpoint:
     )
     check_config(path, cfg, "llama2.c header")
 
-    L, dim, kv, hd = n_layers, dim, cfg.kv_dim, cfg.head_dim
-    n_floats = (vocab * dim * (1 if shared else 2) + L * (2 * dim + 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim)
-                + dim + (seq_len * hd if version == 0 else 0))
+    # The header must account for every byte of the file.
+    kv = cfg.kv_dim
+    per_layer = 2 * dim + 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim   # 2 norms, wq+wo, wk+wv, w1..w3
+    n_floats = vocab * dim * (1 if shared else 2) + n_layers * per_layer + dim
+    if version == 0:
+        n_floats += seq_len * cfg.head_dim                                   # freq_cis real + imag
     expected = header_bytes + 4 * n_floats
     if size != expected:
         problem = "truncated llama2.c file" if size < expected else "llama2.c file size does not match its header"
