@@ -5,7 +5,7 @@ rows cu_q[b] .. cu_q[b+1]-1. Keys and values live in a shared pool of cache
 slots cut into blocks of `block_size`; sequence b's key at position p is in
 slot block_table[b, p // block_size] * block_size + p % block_size.
 
-Work is split into independent (query row, query head) pairs, one `prange`
+Work is split into independent (query head, query row) pairs, one `prange`
 iteration each (`_attention`). For one pair, `_attend` makes three passes over
 the keys the row may see (positions 0 .. positions[t]):
   1. score[p] = dot(scale * q, k[p]), and the maximum score;
@@ -50,16 +50,21 @@ def _plan(T, n_slots, block_table, block_size, cu_q, positions):
     for b in range(B):
         if cu_q[b + 1] < cu_q[b]:
             return row_seq, 1, b
+        last = -1                                  # the row of b with the highest position
         for t in range(cu_q[b], cu_q[b + 1]):
             row_seq[t] = b
             if positions[t] < 0:
                 return row_seq, 2, t
-            last_block = positions[t] // block_size
-            if last_block >= block_table.shape[1]:
-                return row_seq, 3, t
-            for blk in range(last_block + 1):
-                if block_table[b, blk] < 0 or block_table[b, blk] >= n_blocks:
-                    return row_seq, 4, t
+            if last < 0 or positions[t] > positions[last]:
+                last = t
+        if last < 0:
+            continue                               # no query rows for b in this batch
+        last_block = positions[last] // block_size
+        if last_block >= block_table.shape[1]:
+            return row_seq, 3, last
+        for blk in range(last_block + 1):
+            if block_table[b, blk] < 0 or block_table[b, blk] >= n_blocks:
+                return row_seq, 4, last
     return row_seq, 0, 0
 
 
@@ -115,9 +120,12 @@ def _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions,
     T, H = q.shape[0], q.shape[1]
     group = H // k_cache.shape[1]          # query heads per kv head
     scale32 = np.float32(scale)            # keeps the score arithmetic in float32
-    for job in prange(T * H):
-        t = job // H
-        h = job % H
+    # Head-major order: consecutive jobs (and so each thread's share) use the
+    # same kv head, whose keys then stay in cache, and every thread gets rows
+    # of all lengths, so causal prefill splits evenly between threads.
+    for job in prange(H * T):
+        h = job // T
+        t = job % T
         _attend(q, k_cache, v_cache, block_table, block_size, row_seq[t], t, h, h // group,
                 positions[t] + 1, scale32, out)
 
