@@ -470,3 +470,19 @@ def test_nan_in_attention_reaches_exactly_the_affected_rows():
     expected[7, 0] = True
     np.testing.assert_array_equal(nan, expected)
     assert np.isnan(out[expected]).all()
+
+
+def test_read_only_weights_are_accepted():
+    """Weights may come straight from a read-only memory map."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    w = rng.standard_normal((7, 16)).astype(np.float32)
+    norm = rng.standard_normal(16).astype(np.float32)
+    for a in (w, norm):
+        a.setflags(write=False)
+    assert_close(cpu.linear(x, w), ref.linear(x, w), scale=dot_scale(x, w))
+    assert_close(cpu.linear(x[:1], w), ref.linear(x[:1], w), scale=dot_scale(x[:1], w))
+    assert_close(cpu.logits(x, np.array([4], np.int32), w), ref.logits(x, np.array([4], np.int32), w),
+                 scale=dot_scale(x, w))
+    np.testing.assert_array_equal(cpu.embedding(w, np.array([6, 0], np.int32)), w[[6, 0]])
+    np.testing.assert_allclose(cpu.rmsnorm(x, norm, 1e-5), ref.rmsnorm(x, norm, 1e-5), rtol=2e-6)
