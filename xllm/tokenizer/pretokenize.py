@@ -148,7 +148,7 @@ def category_class_body(name: str, limit: int = ALL) -> str:
     `name` is one letter ("L": all letters) or two ("Lu": upper-case letters).
     Why a limit: `re` tests a class's characters outside the BMP one range
     at a time, for every character that is not in the class, which makes
-    `[\p{L}]` four times slower; text without such characters (most text:
+    `[\\p{L}]` four times slower; text without such characters (most text:
     `text_limit`) uses the BMP-only variant of the pattern.
 
         >>> import re
