@@ -13,6 +13,12 @@ sequence gives its blocks back with `free`.
 
 Example (block_size 4): a sequence of 6 tokens with block table [7, 2] keeps
 positions 0..3 in slots 28..31 and positions 4..5 in slots 8..9.
+
+The file has two layers. `BlockManager` is the bookkeeping alone, in plain
+Python: which blocks are free, which sequence owns which, how many tokens each
+sequence has stored. It knows nothing about arrays, so the scheduler
+(`xllm.scheduler`) and its tests use it without a model. `KVCache` puts the
+per-layer arrays beside one `BlockManager` and turns block numbers into slots.
 """
 
 from __future__ import annotations
@@ -27,19 +33,30 @@ class OutOfBlocks(XllmError):
     """The pool has no free block left for a sequence that needs one."""
 
 
-class KVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128):
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """How many blocks hold `num_tokens` tokens: the ceiling of the division."""
+    return -(-num_tokens // block_size)
+
+
+class BlockManager:
+    """Which KV blocks are free and which sequence owns which.
+
+    Two numbers describe a sequence: its *capacity*, the tokens its blocks can
+    hold (len(table) * block_size), and its *length*, the tokens actually
+    stored. `reserve` raises both for tokens about to be written; `allocate`
+    raises only the capacity, so a scheduler can set blocks aside for a step
+    before the step writes anything (the later `reserve` then takes no block).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 128):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"KVCache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        self.block_size = block_size
+            raise ValueError(f"a KV pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
-        # np.zeros maps pages lazily: memory is touched only where tokens are written.
-        self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out block 0 first
+        self.block_size = block_size
+        self._free = list(range(num_blocks - 1, -1, -1))    # pop() hands out block 0 first
         self.tables: dict[int, list[int]] = {}               # sequence id -> its blocks
         self.lengths: dict[int, int] = {}                     # sequence id -> tokens stored
+        self.peak_used = 0                                    # most blocks ever in use at once
 
     @property
     def free_blocks(self) -> int:
@@ -49,43 +66,144 @@ class KVCache:
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def blocks_needed(self, seq_id: int, new_tokens: int) -> int:
-        """How many more blocks `seq_id` needs to hold `new_tokens` more tokens."""
-        have = len(self.tables.get(seq_id, ()))
-        need = -(-(self.lengths.get(seq_id, 0) + new_tokens) // self.block_size)
-        return max(0, need - have)
+    def capacity(self, seq_id: int) -> int:
+        """How many tokens the blocks `seq_id` already owns can hold."""
+        return len(self.tables.get(seq_id, ())) * self.block_size
 
-    def reserve(self, seq_id: int, new_tokens: int) -> np.ndarray:
-        """Make room for `new_tokens` more tokens of `seq_id`; return their slots."""
-        table = self.tables.setdefault(seq_id, [])
-        start = self.lengths.setdefault(seq_id, 0)
-        need = self.blocks_needed(seq_id, new_tokens)
+    def blocks_to_hold(self, seq_id: int, num_tokens: int) -> int:
+        """How many more blocks `seq_id` needs for a total of `num_tokens` tokens."""
+        return max(0, blocks_for(num_tokens, self.block_size) - len(self.tables.get(seq_id, ())))
+
+    def blocks_needed(self, seq_id: int, new_tokens: int) -> int:
+        """How many more blocks `seq_id` needs to store `new_tokens` more tokens."""
+        return self.blocks_to_hold(seq_id, self.lengths.get(seq_id, 0) + new_tokens)
+
+    def allocate(self, seq_id: int, num_tokens: int) -> None:
+        """Give `seq_id` blocks until it can hold `num_tokens` tokens in total.
+
+        All or nothing: when the pool has too few free blocks, nothing is taken
+        and `OutOfBlocks` is raised."""
+        need = self.blocks_to_hold(seq_id, num_tokens)
         if need > len(self._free):
             raise OutOfBlocks(f"sequence {seq_id} needs {need} more KV blocks, {len(self._free)} free")
+        table = self.tables.setdefault(seq_id, [])
         for _ in range(need):
             table.append(self._free.pop())
-        pos = np.arange(start, start + new_tokens)
-        blocks = np.asarray(table, np.int64)[pos // self.block_size]
+        self.peak_used = max(self.peak_used, self.used_blocks)
+
+    def reserve(self, seq_id: int, new_tokens: int) -> int:
+        """Make room for `new_tokens` more tokens of `seq_id` and count them as
+        stored; return the position of the first one."""
+        start = self.lengths.get(seq_id, 0)
+        self.allocate(seq_id, start + new_tokens)
         self.lengths[seq_id] = start + new_tokens
-        return (blocks * self.block_size + pos % self.block_size).astype(np.int32)
+        return start
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Forget the tokens of `seq_id` from `length` on, returning emptied blocks."""
         table = self.tables.get(seq_id, [])
-        keep = -(-length // self.block_size)
+        keep = blocks_for(length, self.block_size)
         while len(table) > keep:
             self._free.append(table.pop())
         self.lengths[seq_id] = min(self.lengths.get(seq_id, 0), length)
 
     def free(self, seq_id: int) -> None:
-        """Give every block of `seq_id` back to the pool."""
+        """Give every block of `seq_id` back to the pool and forget the sequence."""
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
         self.lengths.pop(seq_id, None)
 
+    def check(self) -> None:
+        """Raise AssertionError unless every block is either free or owned by
+        exactly one sequence (a debugging and testing aid)."""
+        owned = [b for table in self.tables.values() for b in table]
+        every = sorted(owned + self._free)
+        assert every == list(range(self.num_blocks)), "a block is lost, or held twice"
+        for seq_id, length in self.lengths.items():
+            assert length <= self.capacity(seq_id), f"sequence {seq_id} stores more tokens than its blocks hold"
+
+
+def num_blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int = 128) -> int:
+    """How many blocks of `block_size` tokens fit in `budget_bytes` of float32
+    keys and values, every layer counted (at least 1).
+
+    One block costs 2 (key and value) * n_layers * block_size * n_kv_heads *
+    head_dim * 4 bytes: 1.5 MiB at 128 tokens for SmolLM2-135M
+    (30 layers, 3 KV heads of 64).
+    """
+    per_block = 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * 4
+    return max(1, budget_bytes // per_block)
+
+
+class KVCache:
+    """The per-layer key and value arrays, and the `BlockManager` saying whose
+    tokens are where (`self.blocks`)."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128):
+        self.blocks = BlockManager(num_blocks, block_size)
+        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
+        # np.zeros maps pages lazily: memory is touched only where tokens are written.
+        self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+
+    @classmethod
+    def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 128) -> "KVCache":
+        """A cache with as many blocks as `budget_bytes` pays for."""
+        return cls(config, num_blocks_for_budget(config, budget_bytes, block_size), block_size)
+
+    # The bookkeeping lives in self.blocks; these names keep the cache's own API.
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def tables(self) -> dict[int, list[int]]:
+        return self.blocks.tables
+
+    @property
+    def lengths(self) -> dict[int, int]:
+        return self.blocks.lengths
+
+    @property
+    def free_blocks(self) -> int:
+        return self.blocks.free_blocks
+
+    @property
+    def used_blocks(self) -> int:
+        return self.blocks.used_blocks
+
+    def blocks_needed(self, seq_id: int, new_tokens: int) -> int:
+        """How many more blocks `seq_id` needs to hold `new_tokens` more tokens."""
+        return self.blocks.blocks_needed(seq_id, new_tokens)
+
+    def reserve(self, seq_id: int, new_tokens: int) -> np.ndarray:
+        """Make room for `new_tokens` more tokens of `seq_id`; return their slots."""
+        start = self.blocks.reserve(seq_id, new_tokens)
+        return self.slots(seq_id, start, new_tokens)
+
+    def slots(self, seq_id: int, start: int, count: int) -> np.ndarray:
+        """The cache slots of positions start..start+count-1 of `seq_id`, which
+        its blocks must already cover."""
+        pos = np.arange(start, start + count)
+        blocks = np.asarray(self.blocks.tables.get(seq_id, []), np.int64)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).astype(np.int32)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the tokens of `seq_id` from `length` on, returning emptied blocks."""
+        self.blocks.truncate(seq_id, length)
+
+    def free(self, seq_id: int) -> None:
+        """Give every block of `seq_id` back to the pool."""
+        self.blocks.free(seq_id)
+
     def block_table(self, seq_ids: list[int]) -> np.ndarray:
         """The block tables of `seq_ids` as one [B, max_blocks] int32 array."""
-        width = max(1, max(len(self.tables[s]) for s in seq_ids))
+        tables = self.blocks.tables
+        width = max(1, max(len(tables[s]) for s in seq_ids))
         out = np.zeros((len(seq_ids), width), np.int32)
         for row, s in enumerate(seq_ids):
-            out[row, : len(self.tables[s])] = self.tables[s]
+            out[row, : len(tables[s])] = tables[s]
         return out
