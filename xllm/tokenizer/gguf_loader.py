@@ -107,80 +107,12 @@ def tokenizer_from_gguf_metadata(meta: dict, path: Union[str, Path] = "<gguf met
                                  "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
 
 
-# GGUF value types -> struct format of one scalar (8: string, 9: array)
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
 def read_gguf_tokenizer_metadata(path: Union[str, Path]) -> dict:
-    """The metadata of a GGUF file (key -> plain Python value), read with a
-    small parser of the GGUF header: magic b"GGUF", uint32 version, uint64
-    tensor count, uint64 key count, then per key: a string (uint64 length +
-    UTF-8), a uint32 value type and the value (an array is a uint32 element
-    type, a uint64 count and the elements). Only the header is read, not the
-    tensors; this is much faster than gguf.GGUFReader for a 49k-token vocabulary."""
-    import mmap
-    import struct
+    """The metadata of a GGUF file (key -> plain Python value), from the
+    loader's GGUF header parser: only the header is read, not the tensors."""
+    from ..loader.gguf_file import read_gguf
 
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelFormatError(path, f"cannot open: {e.strerror or e}")
-    with f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise ModelFormatError(path, "empty file, not a GGUF")
-        try:
-            if buf[:4] != b"GGUF":
-                raise ModelFormatError(path, "not a GGUF file (bad magic)")
-            (version,) = struct.unpack_from("<I", buf, 4)
-            if version == 1:
-                raise ModelFormatError(path, "GGUF version 1 is not supported")
-            n_kv = struct.unpack_from("<Q", buf, 16)[0]
-            pos = 24
-
-            def string(pos: int) -> tuple[str, int]:
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                pos += 8
-                if pos + n > len(buf):
-                    raise ValueError("string runs past the end of the file")
-                return buf[pos:pos + n].decode("utf-8", "replace"), pos + n
-
-            def value(vtype: int, pos: int):
-                if vtype == 8:
-                    return string(pos)
-                if vtype == 9:
-                    etype, count = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    if etype in _SCALAR:
-                        fmt = _SCALAR[etype]
-                        size = struct.calcsize(fmt)
-                        if pos + size * count > len(buf):
-                            raise ValueError("array runs past the end of the file")
-                        return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + size * count
-                    items = []
-                    for _ in range(count):
-                        item, pos = value(etype, pos)
-                        items.append(item)
-                    return items, pos
-                fmt = _SCALAR.get(vtype)
-                if fmt is None:
-                    raise ValueError(f"unknown GGUF value type {vtype}")
-                return struct.unpack_from("<" + fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-
-            meta: dict = {}
-            for _ in range(n_kv):
-                key, pos = string(pos)
-                (vtype,) = struct.unpack_from("<I", buf, pos)
-                v, pos = value(vtype, pos + 4)
-                meta[key] = v
-            return meta
-        except ModelFormatError:
-            raise
-        except (struct.error, ValueError, IndexError) as e:
-            raise ModelFormatError(path, f"truncated or corrupt GGUF metadata ({e})")
-        finally:
-            buf.close()
+    return read_gguf(path)[0]
 
 
 def load_gguf_tokenizer(path: Union[str, Path]) -> Tokenizer:
