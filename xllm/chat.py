@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,53 @@ class Conversation:
         """Append the ids the model generated, closing the turn as the format wants."""
         stopped = bool(answer_ids) and answer_ids[-1] in self.stop_ids
         self.ids += list(answer_ids) + encode_parts(self.tok, self.fmt.after_answer(stopped))
+
+
+class ChatSession:
+    """A conversation with a model: `send` streams the answer's text.
+
+    The model's KV cache stays between turns (`xllm.generate.Session`), so a
+    turn computes only its own new tokens; `last_turn` says how many.
+    """
+
+    def __init__(self, model, tok, fmt: ChatFormat, system: str | None = None):
+        from .generate import Session
+
+        self.tok = tok
+        self.session = Session(model)
+        self.convo = Conversation(tok, fmt, system)
+        self.last_turn = {"prompt_tokens": 0, "computed_tokens": 0, "answer_tokens": 0,
+                          "first_token_s": 0.0, "decode_s": 0.0}
+
+    def reset(self) -> None:
+        self.convo.reset()
+        self.session.reset()
+
+    def send(self, text: str, params) -> Iterator[str]:
+        """Stream the answer to `text`. Closing the iterator early (or Ctrl-C
+        inside it) keeps the part already written as the answer."""
+        import time
+
+        prompt = self.convo.add_user(text)
+        stream = self.tok.stream_decoder(prefix_ids=prompt)
+        out: list[int] = []
+        t0 = time.perf_counter()
+        t_first = None
+        try:
+            for token in self.session.generate(prompt, params.max_tokens, params, self.convo.stop_ids):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    self.last_turn["computed_tokens"] = self.session.last_prefill_computed
+                out.append(token)
+                if token not in self.convo.stop_ids:
+                    piece = stream.push(token)
+                    if piece:
+                        yield piece
+            rest = stream.flush()
+            if rest:
+                yield rest
+        finally:
+            self.convo.add_answer(out)
+            t_end = time.perf_counter()
+            self.last_turn.update(prompt_tokens=len(prompt), answer_tokens=len(out),
+                                  first_token_s=(t_first or t_end) - t0, decode_s=t_end - (t_first or t_end))

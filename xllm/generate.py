@@ -27,6 +27,7 @@ class Session:
         self.prefill_chunk = prefill_chunk
         self.ids: list[int] = []          # tokens whose keys/values are in the cache
         self.tokens_computed = 0          # rows run through the model, all calls together
+        self.last_prefill_computed = 0    # prompt rows the last prefill had to compute
 
     def reset(self) -> None:
         self.cache.free(self.SEQ)
@@ -66,6 +67,7 @@ class Session:
             keep += 1
         self.cache.truncate(self.SEQ, keep)
         del self.ids[keep:]
+        self.last_prefill_computed = len(prompt) - keep
         return self._feed(list(prompt[keep:]))
 
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams,

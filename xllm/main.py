@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from .errors import XllmError
 
@@ -29,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise tokens already seen (1.0 = off)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--system", default=None, help="system prompt (default: the model's own, if any)")
     p.add_argument("--chat-format", choices=["auto", "chatml", "llama2", "raw"], default="auto",
@@ -50,9 +50,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import numba
 
-    from .chat import FORMATS, Conversation, detect_format
+    from .chat import FORMATS, ChatSession, detect_format
     from .download import default_model_path
-    from .generate import Session
     from .load import load_model
     from .sampling import SamplingParams
 
@@ -61,7 +60,8 @@ def run(args) -> int:
             raise XllmError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {args.threads}")
         numba.set_num_threads(args.threads)
     try:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, max_tokens=args.max_tokens,
+                                repetition_penalty=args.repeat_penalty)
     except ValueError as e:
         raise XllmError(str(e)) from None
 
@@ -70,34 +70,22 @@ def run(args) -> int:
     fmt, default_system = detect_format(tok, metadata)
     if args.chat_format != "auto":
         fmt = FORMATS[args.chat_format]()
-    system = args.system if args.system is not None else default_system
-    session = Session(model)
-    convo = Conversation(tok, fmt, system)
+    chat = ChatSession(model, tok, fmt, args.system if args.system is not None else default_system)
 
     def answer(text: str) -> None:
-        prompt = convo.add_user(text)
-        computed_before = session.tokens_computed
-        stream = tok.stream_decoder(prefix_ids=prompt)
-        out: list[int] = []
-        t0 = time.perf_counter()
-        t_first = None
         try:
-            for token in session.generate(prompt, args.max_tokens, params, convo.stop_ids):
-                out.append(token)
-                t_first = t_first or time.perf_counter()
-                if token not in convo.stop_ids:
-                    sys.stdout.write(stream.push(token))
-                    sys.stdout.flush()
+            for piece in chat.send(text, params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        convo.add_answer(out)
-        if args.stats and t_first is not None:
-            dt = time.perf_counter() - t_first
-            print(f"[prompt {len(prompt)} tokens, {session.tokens_computed - computed_before - max(0, len(out) - 1)} computed, "
-                  f"first token {t_first - t0:.3f} s; {len(out)} tokens, "
-                  f"{(len(out) - 1) / dt if dt > 0 and len(out) > 1 else 0.0:.1f} tok/s decode]", file=sys.stderr)
+        t = chat.last_turn
+        if args.stats:
+            rate = (t["answer_tokens"] - 1) / t["decode_s"] if t["decode_s"] > 0 else 0.0
+            print(f"[prompt {t['prompt_tokens']} tokens, {t['computed_tokens']} computed, first token "
+                  f"{t['first_token_s']:.3f} s; {t['answer_tokens']} tokens, {rate:.1f} tok/s decode]", file=sys.stderr)
 
     if args.prompt is not None:
         answer(args.prompt)
@@ -118,8 +106,7 @@ def run(args) -> int:
         if text.strip() == "/exit":
             return 0
         if text.strip() == "/reset":
-            convo.reset()
-            session.reset()
+            chat.reset()
             print("(new conversation)")
             continue
         if text.strip():

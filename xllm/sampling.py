@@ -1,10 +1,17 @@
-"""Choosing the next token from a row of logits.
+"""Choosing the next token from a row of logits, and when a request stops.
 
-temperature 0 is greedy (argmax). Otherwise the logits are divided by the
-temperature, cut to the `top_k` largest (0 = no cut), then to the smallest set
-whose probabilities add up to `top_p` (1.0 = no cut), and one token is drawn
-from what is left with the caller's random generator, so a seeded request
-draws the same tokens whatever else runs beside it.
+First a repetition penalty (1.0 = off) makes every token the request has
+already seen less likely: its logit is divided by the penalty when positive,
+multiplied when negative (the CTRL paper's rule, as in transformers).
+Then temperature 0 is greedy (argmax). Otherwise the logits are divided by
+the temperature, cut to the `top_k` largest (0 = no cut), then to the smallest
+set whose probabilities add up to `top_p` (1.0 = no cut), and one token is
+drawn from what is left with the request's own random generator, so a seeded
+request draws the same tokens whatever else runs beside it.
+
+A request stops after `max_tokens` tokens, on an end-of-sequence token
+(unless `ignore_eos`, for benchmarks), or when its text contains one of the
+`stop` strings (the text is cut before it).
 """
 
 from __future__ import annotations
@@ -20,8 +27,18 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    max_tokens: int = 256
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -30,8 +47,14 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from a [vocab] row of logits."""
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           seen: list[int] | None = None) -> int:
+    """One token id from a [vocab] row of logits; `seen`: the request's tokens so far."""
+    if params.repetition_penalty != 1.0 and seen:
+        logits = logits.copy()
+        ids = np.unique(np.asarray(seen))
+        z = logits[ids]
+        logits[ids] = np.where(z > 0, z / params.repetition_penalty, z * params.repetition_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / params.temperature

@@ -1,0 +1,137 @@
+"""Batch throughput, the original xLLM's benchmark_batch.
+
+    python -m bench.benchmark_batch --synthetic -n 32 -b 32 -l 128 -t 2 --baseline
+    python -m bench.benchmark_batch --file ../shared/data/prompts.txt -b 16 -l 128
+
+Every line of --file is one prompt (sent through the model's chat format),
+or --synthetic makes -n prompts of random token ids with lengths repeating
+5, 13, 27, 51. All requests are submitted at once; the engine runs at most
+-b of them at a time (continuous batching). Generation ignores end-of-sequence
+so every request writes exactly -l tokens.
+
+Printed: generated tokens/s over the whole run, prompt tokens/s, time to first
+token and time per output token (p50/p90), the peak number of KV blocks in
+use, and with --baseline the batch-1 decode speed of one request measured in
+the same run, with the ratio between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SYNTHETIC_LENGTHS = (5, 13, 27, 51)
+
+
+def percentile(values, q):
+    values = [v for v in values if v is not None]
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def build_prompts(args, llm) -> list:
+    if args.file:
+        from xllm.chat import Conversation, detect_format
+
+        fmt, system = detect_format(llm.tokenizer, llm.metadata)
+        lines = [ln.strip() for ln in Path(args.file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if args.num_prompts:
+            lines = (lines * (args.num_prompts // len(lines) + 1))[: args.num_prompts]
+        return [Conversation(llm.tokenizer, fmt, system).add_user(line) for line in lines]
+    rng = np.random.default_rng(0)
+    vocab = llm.model.config.vocab_size
+    n = args.num_prompts or 32
+    return [[int(t) for t in rng.integers(3, vocab, SYNTHETIC_LENGTHS[i % len(SYNTHETIC_LENGTHS)])] for i in range(n)]
+
+
+def run(llm, prompts, max_tokens, max_batch, show_progress=True) -> dict:
+    from tqdm import tqdm
+
+    from xllm.sampling import SamplingParams
+
+    llm.max_num_seqs = max_batch
+    llm.max_num_batched_tokens = max(llm.max_num_batched_tokens, max_batch)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    computed0 = llm.stats.prompt_tokens_computed
+    bar = tqdm(total=len(prompts), desc=f"batch {max_batch}", unit="req", disable=not show_progress, file=sys.stderr)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, progress=lambda _: bar.update(1))
+    wall = time.perf_counter() - t0
+    bar.close()
+    generated = sum(len(o.token_ids) for o in outs)
+    sched = llm.last_scheduler_stats
+    return {
+        "requests": len(outs), "max_batch": max_batch, "max_tokens": max_tokens,
+        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
+        "prompt_tokens_computed": llm.stats.prompt_tokens_computed - computed0,
+        "generated_tokens": generated, "wall_s": round(wall, 3),
+        "generated_tok_s": round(generated / wall, 2),
+        "prompt_tok_s": round(sum(len(o.prompt_token_ids) for o in outs) / wall, 2),
+        "ttft_p50_s": round(percentile([o.ttft for o in outs], 50), 4),
+        "ttft_p90_s": round(percentile([o.ttft for o in outs], 90), 4),
+        "tpot_p50_s": round(percentile([o.tpot for o in outs], 50), 4),
+        "tpot_p90_s": round(percentile([o.tpot for o in outs], 90), 4),
+        "peak_kv_blocks": sched.peak_blocks_used, "kv_blocks_total": llm.cache.num_blocks,
+        "kv_block_size": llm.cache.block_size, "preemptions": sched.preemptions,
+        "steps": sched.steps,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.benchmark_batch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", "--weight", "-m", dest="model", default=None)
+    ap.add_argument("--tokenizer", default=None)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--file", "-f", help="one prompt per line")
+    src.add_argument("--synthetic", action="store_true", help="random prompts of lengths 5, 13, 27, 51, ... (default)")
+    ap.add_argument("-n", "--num-prompts", type=int, default=None, help="number of requests (default: the file's lines, or 32)")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-l", "--max-length", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("-b", "--batch", type=int, default=32, help="most requests running at once")
+    ap.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16", "int8"])
+    ap.add_argument("--kv-cache-mib", type=int, default=1024)
+    ap.add_argument("--baseline", action="store_true", help="also time one request alone (batch-1 decode) in this run")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import numba
+
+    from xllm.engine import LLM
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    llm = LLM(args.model, args.tokenizer, kv_dtype=args.kv_dtype, kv_cache_bytes=args.kv_cache_mib << 20,
+              max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch))
+    prompts = build_prompts(args, llm)
+    run(llm, prompts[:2], 4, 2, show_progress=False)   # warm-up: page in the weights
+    result = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "threads": numba.get_num_threads(),
+              "kv_dtype": args.kv_dtype, "workload": args.file or "synthetic"}
+    if args.baseline:
+        alone = run(llm, prompts[:1], args.max_length, 1, show_progress=False)
+        result["batch1_decode_tok_s"] = round(1.0 / alone["tpot_p50_s"], 2)
+    result.update(run(llm, prompts, args.max_length, args.batch, show_progress=not args.json))
+    if args.baseline:
+        result["speedup_vs_batch1"] = round(result["generated_tok_s"] / result["batch1_decode_tok_s"], 2)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"workload {result['workload']}: {result['requests']} requests, -b {args.batch}, -l {args.max_length}, "
+          f"{result['threads']} threads, KV {args.kv_dtype}")
+    print(f"generated: {result['generated_tok_s']:.1f} tok/s ({result['generated_tokens']} tokens in {result['wall_s']:.1f} s)")
+    print(f"prompt:    {result['prompt_tok_s']:.1f} tok/s ({result['prompt_tokens']} tokens)")
+    print(f"TTFT p50 {result['ttft_p50_s'] * 1e3:.0f} ms, p90 {result['ttft_p90_s'] * 1e3:.0f} ms; "
+          f"TPOT p50 {result['tpot_p50_s'] * 1e3:.1f} ms, p90 {result['tpot_p90_s'] * 1e3:.1f} ms")
+    print(f"peak KV blocks: {result['peak_kv_blocks']} of {result['kv_blocks_total']} "
+          f"({result['kv_block_size']} tokens each), preemptions {result['preemptions']}")
+    if args.baseline:
+        print(f"batch-1 decode: {result['batch1_decode_tok_s']:.1f} tok/s -> "
+              f"{result['speedup_vs_batch1']:.2f}x with batching")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The continuous-batching engine (`xllm.engine.LLM`) on the real default model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xllm.chat import ChatSession, detect_format
+from xllm.engine import LLM
+from xllm.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(str(smollm2_path), max_num_seqs=16, max_num_batched_tokens=256)
+
+
+def mixed_prompts(vocab: int) -> list[list[int]]:
+    """16 prompts of 5 to 900 tokens: random ids, so no two share a prefix."""
+    rng = np.random.default_rng(7)
+    lengths = [5, 900, 13, 27, 51, 300, 8, 128, 129, 600, 64, 17, 255, 33, 450, 6]
+    return [[int(t) for t in rng.integers(3, vocab, n)] for n in lengths]
+
+
+def test_batch_invariance_greedy(llm):
+    prompts = mixed_prompts(llm.model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    sched = llm.last_scheduler_stats
+    assert max(sched.tokens_per_step) > 16, "prefill chunks and decodes should share steps"
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate([prompt], params)[0]
+        assert out.token_ids == alone.token_ids, f"prompt of {len(prompt)} tokens differs in a batch"
+        assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llm):
+    prompts = mixed_prompts(llm.model.config.vocab_size)[:6]
+    params = [SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=100 + i, max_tokens=8, ignore_eos=True)
+              for i in range(len(prompts))]
+    together = llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, together):
+        assert out.token_ids == llm.generate([prompt], p)[0].token_ids
+
+
+def test_stream_concatenates_to_text_and_stop_strings_cut(llm):
+    prompt = "<|im_start|>user\nCount from one to ten in words.<|im_end|>\n<|im_start|>assistant\n"
+    ids = llm.tokenizer.encode(prompt, allow_special=True)
+    full = llm.generate([ids], SamplingParams(max_tokens=40))[0]
+    assert full.text and full.finish_reason in ("eos", "length")
+    pieces = "".join(text for _, text, _ in llm.stream([ids], SamplingParams(max_tokens=40)))
+    assert pieces == full.text
+    word = full.text.split()[2]
+    cut = llm.generate([ids], SamplingParams(max_tokens=40, stop=(word,)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(word)]
+
+
+def test_kv_blocks_grow_with_the_longest_sequence_and_return(llm):
+    prompts = [[5] * 100, [6] * 300]
+    llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
+    # 340 tokens need 3 blocks of 128 and 140 tokens 2: 5 at the peak, not 2 x context.
+    assert llm.last_scheduler_stats.peak_blocks_used == 5
+    assert llm.cache.free_blocks == llm.cache.num_blocks
+
+
+def test_chat_turns_compute_only_their_new_tokens(llm):
+    fmt, system = detect_format(llm.tokenizer, llm.metadata)
+    chat = ChatSession(llm.model, llm.tokenizer, fmt, system)
+    cached = 0
+    for turn in ["Hi!", "What is the capital of France?", "And of Spain?", "Name a river there.", "Thanks!"]:
+        answer = "".join(chat.send(turn, SamplingParams(max_tokens=12)))
+        t = chat.last_turn
+        assert answer
+        # Only what was added since the cache was last written runs: this turn's
+        # tokens and the previous answer's last token (sampled, never yet run).
+        assert t["computed_tokens"] == t["prompt_tokens"] - cached
+        assert t["computed_tokens"] < 40
+        cached = len(chat.session.ids)
