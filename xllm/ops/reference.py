@@ -8,6 +8,9 @@ means, read it here.
 
 Conventions shared by all operators:
   * float arrays are float32 and C-contiguous, index arrays are int32;
+  * a weight matrix (the w of `linear`/`logits`, the table of `embedding`) may
+    also be a `QuantWeight` (xllm/ops/quant.py), which stands for the float32
+    matrix `w.dequantize()`: the operator means exactly that;
   * every operator returns a new array, except `store_kv`, which writes into
     the caches it is given;
   * `T` is the number of token rows in the (possibly ragged) batch.
@@ -16,6 +19,8 @@ Conventions shared by all operators:
 from __future__ import annotations
 
 import numpy as np
+
+from .quant import is_quant
 
 F32 = np.float32
 F64 = np.float64
@@ -26,6 +31,8 @@ def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise ValueError(f"embedding: token id out of range [0, {table.shape[0]})")
+    if is_quant(table):
+        return table.rows(ids).dequantize()    # the same rows of table.dequantize(), made alone
     return np.array(table[ids], dtype=F32)
 
 
@@ -42,6 +49,8 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     The weight is stored [out_features, in_features] (PyTorch/GGUF order), so
     every output is a dot product of two contiguous rows.
     """
+    if is_quant(w):
+        w = w.dequantize()
     return (x.astype(F64) @ w.astype(F64).T).astype(F32)
 
 
