@@ -13,6 +13,13 @@ The format is recognised from the contents, not the file name: a directory
 checkpoint, a file starting with "GGUF" is GGUF, and anything else is tried as
 a llama2.c checkpoint, whose header must then match the file size exactly.
 Every problem with the input is raised as one `ModelFormatError`.
+
+    ck = load_checkpoint(path, keep_quant=True)
+
+keeps the GGUF matrices stored as Q8_0, Q4_0 or Q4_1 in their blocks: those
+weights are `xllm.ops.quant.QuantWeight`s (3.5 to 6.4 times smaller than float32,
+and the CPU operators compute with them directly); every other tensor, and
+every tensor of a Hugging Face or llama2.c checkpoint, is float32 as usual.
 """
 
 from __future__ import annotations
@@ -25,8 +32,12 @@ from .layout import Checkpoint, expected_shapes, rope_rows_to_halves, rope_rows_
 __all__ = ["Checkpoint", "load_checkpoint", "expected_shapes", "rope_rows_to_halves", "rope_rows_to_pairs"]
 
 
-def load_checkpoint(path, *, load_weights: bool = True) -> Checkpoint:
-    """Load a checkpoint; with `load_weights=False` only config and metadata (weights == {})."""
+def load_checkpoint(path, *, load_weights: bool = True, keep_quant: bool = False) -> Checkpoint:
+    """Load a checkpoint; with `load_weights=False` only config and metadata (weights == {}).
+
+    `keep_quant=True`: GGUF tensors stored as Q8_0/Q4_0/Q4_1 come back as
+    QuantWeights instead of float32 arrays (other formats ignore the flag).
+    """
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(p, "no such file or directory")
@@ -45,6 +56,6 @@ def load_checkpoint(path, *, load_weights: bool = True) -> Checkpoint:
         raise ModelFormatError(p, "file is empty")
     if magic == b"GGUF":
         from .gguf_file import load_gguf
-        return load_gguf(p, load_weights)
+        return load_gguf(p, load_weights, keep_quant)
     from .llama2c import load_llama2c
     return load_llama2c(p, load_weights)

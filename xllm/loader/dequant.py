@@ -10,6 +10,10 @@ pass per block with Numba and produce bit-identical results (the tests check
 that against `gguf.quants.dequantize`).  Formats without a kernel here fall
 back to the `gguf` package.
 
+`keep_blocks` is the other way to read a tensor: for the formats the matrix
+kernels compute with directly (Q8_0, Q4_0, Q4_1) it keeps the integers as
+they are and only widens the scales, giving a `xllm.ops.quant.QuantWeight`.
+
 Each kernel gets the raw blocks as a 2-D uint8 array [n_blocks, block_bytes],
 the float16 scales already widened to float32 by numpy (Numba has no
 convenient float16), and writes `out` [n_blocks, values_per_block].
@@ -22,12 +26,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from numba import njit
 
+from ..ops.quant import QuantWeight
+
 # Tensor types a GGUF loaded by xllm may contain.
 SUPPORTED = (
     Q.F32, Q.F16, Q.BF16,
     Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )
+
+# Tensor types `keep_blocks` can keep, and the QuantWeight format each becomes.
+KEEPABLE = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}
 
 
 def _f16_at(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -180,3 +189,34 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
         # No kernel of our own: the gguf package's numpy version.
         return np.ascontiguousarray(gguf_dequantize(blocks, qtype), dtype=np.float32).reshape(shape)
     return out.reshape(shape)
+
+
+def keep_blocks(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> QuantWeight:
+    """A QuantWeight of `shape` (N, K) from the raw bytes of one Q8_0/Q4_0/Q4_1 tensor.
+
+    GGUF interleaves scales and integers block by block:
+
+        Q8_0  d (f16) | 32 x int8                    34 bytes per block
+        Q4_0  d (f16) | 16 bytes of nibbles          18 bytes
+        Q4_1  d (f16) | m (f16) | 16 bytes           20 bytes
+
+    QuantWeight keeps the integers of a row together and the scales apart
+    (see xllm/ops/quant.py), so this copies each part out: the result owns its
+    arrays and holds no reference to `raw` (or the file mapped behind it).
+    """
+    if qtype not in KEEPABLE:
+        raise ValueError(f"keep_blocks: {qtype.name} is not one of {[t.name for t in KEEPABLE]}")
+    if len(shape) != 2:
+        raise ValueError(f"keep_blocks: need a matrix, got shape {shape}")
+    N, K = shape
+    nb = K // 32
+    _, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = raw.reshape(N * nb, block_bytes)
+    d = _f16_at(blocks, 0).reshape(N, nb)
+    if qtype == Q.Q8_0:
+        qs = np.ascontiguousarray(blocks[:, 2:]).view(np.int8).reshape(N, K)
+        return QuantWeight("q8_0", qs, d)
+    if qtype == Q.Q4_0:
+        return QuantWeight("q4_0", np.ascontiguousarray(blocks[:, 2:]).reshape(N, K // 2), d)
+    m = _f16_at(blocks, 2).reshape(N, nb)
+    return QuantWeight("q4_1", np.ascontiguousarray(blocks[:, 4:]).reshape(N, K // 2), d, m)

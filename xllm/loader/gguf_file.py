@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .dequant import SUPPORTED, dequantize
+from .dequant import KEEPABLE, SUPPORTED, dequantize, keep_blocks
 from .layout import (Checkpoint, check_config, check_shapes, check_weights, expected_shapes,
                      rope_rows_to_halves)
 
@@ -321,7 +321,9 @@ def gguf_name(canon: str) -> str:
     return f"blk.{i}.{g}.weight"
 
 
-def load_gguf(path, load_weights: bool = True) -> Checkpoint:
+def load_gguf(path, load_weights: bool = True, keep_quant: bool = False) -> Checkpoint:
+    """Config, metadata and weights of a GGUF file; with `keep_quant`, Q8_0/Q4_0/Q4_1
+    matrices are kept as QuantWeights (see keep_blocks) instead of dequantized."""
     size = os.path.getsize(path)
     buf = _map(path, size)
     metadata, infos, data_start, version = read_gguf(path, buf)
@@ -345,7 +347,10 @@ def load_gguf(path, load_weights: bool = True) -> Checkpoint:
     if load_weights:
         for t in infos:
             raw = np.frombuffer(buf, dtype=np.uint8, count=t.nbytes, offset=data_start + t.offset)
-            w = dequantize(raw, t.qtype, t.shape)
+            if keep_quant and t.qtype in KEEPABLE and len(t.shape) == 2:
+                w = keep_blocks(raw, t.qtype, t.shape)
+            else:
+                w = dequantize(raw, t.qtype, t.shape)
             del raw  # the mmap closes once no array points into it
             canon = canonical_name(t.name)
             # GGUF keeps q/k rows in adjacent-pair RoPE order; xllm wants rotate-half.

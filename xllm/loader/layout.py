@@ -27,6 +27,11 @@ checkpoint converted from one convention to the other has the rows of wq and
 wk shuffled so that both give the same attention scores.  xllm always uses
 the Hugging Face "rotate-half" order, so the GGUF and llama2.c loaders undo
 that shuffle with `rope_rows_to_halves`.
+
+Quantized weights.  With `load_checkpoint(..., keep_quant=True)` the GGUF
+loader gives the matrices stored as Q8_0/Q4_0/Q4_1 as `QuantWeight`s
+(xllm/ops/quant.py) instead of float32 arrays; same names, same shapes, same
+row order (the RoPE shuffle is undone by reordering their rows).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..ops.quant import is_quant
 
 LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
@@ -46,7 +52,7 @@ class Checkpoint:
     """What `load_checkpoint` returns."""
 
     config: ModelConfig
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]   # float32 arrays (and QuantWeights with keep_quant=True)
     kind: str                 # "gguf" | "hf" | "llama2c"
     metadata: dict = field(default_factory=dict)
     path: str = ""
@@ -78,7 +84,11 @@ def rope_rows_to_halves(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarra
     Inside each head, row 2*i + j (pair i, member j) moves to row j*hd/2 + i.
     This undoes llama.cpp's converter, which did
     `w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2)` on the HF weight.
+    A QuantWeight gets the same reordering of its rows.
     """
+    if is_quant(w):
+        order = rope_rows_to_halves(np.arange(w.shape[0]).reshape(-1, 1), n_heads, head_dim)
+        return w.rows(order.ravel())
     cols = w.shape[-1]
     w = w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2)
     return np.ascontiguousarray(w.reshape(n_heads * head_dim, cols))
@@ -133,6 +143,8 @@ def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[s
 
 
 def check_weights(path, cfg: ModelConfig, weights: dict[str, np.ndarray], names: dict[str, str] | None = None) -> dict:
-    """`check_shapes` on arrays; returns them in canonical order as float32 C-contiguous arrays."""
+    """`check_shapes` on arrays; returns them in canonical order as float32 C-contiguous arrays
+    (QuantWeights are passed through as they are)."""
     check_shapes(path, cfg, {n: w.shape for n, w in weights.items()}, names)
-    return {name: np.ascontiguousarray(weights[name], dtype=np.float32) for name in expected_shapes(cfg)}
+    return {name: weights[name] if is_quant(weights[name]) else np.ascontiguousarray(weights[name], dtype=np.float32)
+            for name in expected_shapes(cfg)}
