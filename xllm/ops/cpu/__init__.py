@@ -7,6 +7,9 @@ check shapes and indices, allocate the output and call a compiled kernel:
   matmul.py           linear, logits      (GEMV for one token, tiled GEMM for many)
   paged_attention.py  attention           (causal, paged, ragged batch, GQA)
   pointwise.py        embedding, rmsnorm, rope, silu_mul, add, store_kv
+  qmatmul.py          linear, logits and embedding when the weight is a
+                      QuantWeight (xllm/ops/quant.py); `linear` and
+                      `embedding` hand those over to it
 
 Kernels are compiled on first use and cached on disk (`cache=True`); the
 number of threads is whatever the caller set with `numba.set_num_threads`.

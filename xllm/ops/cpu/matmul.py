@@ -17,6 +17,9 @@ products share a pass over K.
   12 SIMD registers (AVX2 has 16). Tiles are grouped into blocks of 48 weight
   rows x 64 tokens: a block's weight rows (48 x K floats) stay in L2 while the
   4 token rows of a tile stay in L1. Threads take blocks.
+
+Quantized weights (`QuantWeight`) have their own kernels in qmatmul.py;
+`linear` hands them over.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from ..quant import QuantWeight
 from .common import FAST
 
 ROWS_PER_BLOCK = 48     # weight rows per work item of _gemm (a multiple of 3)
@@ -84,33 +88,48 @@ def _tile_1x1(x, w, out, t, n, K):
     out[t, n] = acc
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _gemm_block(x, w, out, n0, n1, t0, t1):
+    """out[t0:t1, n0:n1] = x[t0:t1] @ w[n0:n1].T, in 4 x 3 tiles (and leftover tiles).
+
+    Also the inner part of the quantized GEMM (qmatmul.py), which calls it on
+    a block of weight rows it has just dequantized.
+    """
+    K = x.shape[1]
+    n3 = n1 - (n1 - n0) % 3          # rows n0..n3 go in threes
+    t4 = t1 - (t1 - t0) % 4          # tokens t0..t4 go in fours
+    for t in range(t0, t4, 4):
+        for n in range(n0, n3, 3):
+            _tile_4x3(x, w, out, t, n, K)
+    for t in range(t4, t1):
+        for n in range(n0, n3, 3):
+            _tile_1x3(x, w, out, t, n, K)
+    for n in range(n3, n1):
+        for t in range(t0, t1):
+            _tile_1x1(x, w, out, t, n, K)
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
 def _gemm(x, w, out):
     """out = x @ w.T, tiled: blocks of (48 weight rows x 64 tokens) run in parallel."""
-    T, K = x.shape
+    T = x.shape[0]
     N = w.shape[0]
     n_blocks = (N + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
     t_blocks = (T + TOKENS_PER_BLOCK - 1) // TOKENS_PER_BLOCK
     for job in prange(n_blocks * t_blocks):
         n0 = (job // t_blocks) * ROWS_PER_BLOCK
-        n1 = min(n0 + ROWS_PER_BLOCK, N)
         t0 = (job % t_blocks) * TOKENS_PER_BLOCK
-        t1 = min(t0 + TOKENS_PER_BLOCK, T)
-        n3 = n1 - (n1 - n0) % 3          # rows n0..n3 go in threes
-        t4 = t1 - (t1 - t0) % 4          # tokens t0..t4 go in fours
-        for t in range(t0, t4, 4):
-            for n in range(n0, n3, 3):
-                _tile_4x3(x, w, out, t, n, K)
-        for t in range(t4, t1):
-            for n in range(n0, n3, 3):
-                _tile_1x3(x, w, out, t, n, K)
-        for n in range(n3, n1):
-            for t in range(t0, t1):
-                _tile_1x1(x, w, out, t, n, K)
+        _gemm_block(x, w, out, n0, min(n0 + ROWS_PER_BLOCK, N), t0, min(t0 + TOKENS_PER_BLOCK, T))
 
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32."""
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32.
+
+    w may also be a QuantWeight (xllm/ops/quant.py): then qmatmul.py computes it.
+    """
+    if isinstance(w, QuantWeight):
+        from .qmatmul import qlinear      # imported here: qmatmul itself imports this module
+        return qlinear(x, w)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: need x [T, K] and w [N, K], got {x.shape} and {w.shape}")
     out = np.empty((x.shape[0], w.shape[0]), np.float32)

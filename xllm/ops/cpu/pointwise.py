@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from ..quant import QuantWeight
 from .common import FAST, PARALLEL_MIN_ELEMENTS
 
 
@@ -61,7 +62,13 @@ def _embedding_parallel(table, ids, out):
 
 
 def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """out[t] = table[ids[t]].  table [V, D], ids [T] int32 -> new [T, D]."""
+    """out[t] = table[ids[t]].  table [V, D], ids [T] int32 -> new [T, D].
+
+    table may also be a QuantWeight: its selected rows are dequantized (qmatmul.py).
+    """
+    if isinstance(table, QuantWeight):
+        from .qmatmul import qembedding
+        return qembedding(table, ids, parallel=ids.shape[0] * table.shape[1] >= PARALLEL_MIN_ELEMENTS)
     if table.ndim != 2 or ids.ndim != 1:
         raise ValueError(f"embedding: need table [V, D] and ids [T], got {table.shape} and {ids.shape}")
     out = np.empty((ids.shape[0], table.shape[1]), np.float32)
