@@ -1,0 +1,332 @@
+"""Quantized weights: QuantWeight against gguf, the CPU kernels against the reference, the loader.
+
+A QuantWeight stands for the float32 matrix `dequantize()` gives, so:
+  * `dequantize` must equal gguf's own dequantizer bit for bit;
+  * every CPU operator on a QuantWeight must match the reference operator,
+    which is defined as the float32 operator on `dequantize()`;
+  * embedding and the many-token GEMM use the dequantized values themselves,
+    so they must equal the float32 kernels on `dequantize()` exactly;
+  * loading a GGUF with keep_quant=True must give weights whose dequantize()
+    is exactly what keep_quant=False loads.
+
+Matrices come from two sources: gguf.quants.quantize of random floats (what
+real files hold) and raw random blocks (every nibble and int8 value, any
+float16 scale), see `quant_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.test_loaders import random_weights, tiny_config, write_gguf
+from tests.test_ops_cpu import assert_close
+from xllm.loader import load_checkpoint
+from xllm.loader.dequant import keep_blocks
+from xllm.ops import get_ops
+from xllm.ops.quant import FORMATS, QuantWeight, concat, is_quant
+
+cpu = get_ops("cpu")
+ref = get_ops("reference")
+
+EXAMPLES = settings(max_examples=30, deadline=None)
+QTYPE = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+
+
+# ---------------------------------------------------------------- helpers
+
+def from_gguf(values: np.ndarray, fmt: str) -> tuple[QuantWeight, np.ndarray]:
+    """Quantize float32 values [N, K] with gguf; return our QuantWeight of the blocks and gguf's dequantization."""
+    packed = gguf.quants.quantize(values, QTYPE[fmt])
+    qw = keep_blocks(np.ascontiguousarray(packed).view(np.uint8).ravel(), QTYPE[fmt], values.shape)
+    return qw, gguf.quants.dequantize(packed, QTYPE[fmt]).reshape(values.shape)
+
+
+def f16_scales(rng, shape, low, high) -> np.ndarray:
+    """Random scales that a GGUF can hold: float16 values, as float32."""
+    return rng.uniform(low, high, shape).astype(np.float16).astype(np.float32)
+
+
+@st.composite
+def quant_weights(draw, fmt, N, K):
+    """A QuantWeight [N, K]: gguf-quantized random floats, or raw random blocks."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        values = (rng.standard_normal((N, K)) * rng.uniform(0.01, 2.0)).astype(np.float32)
+        return from_gguf(values, fmt)[0]
+    nb = K // 32
+    d = f16_scales(rng, (N, nb), -0.1, 0.1)
+    if fmt == "q8_0":
+        return QuantWeight(fmt, rng.integers(-128, 128, (N, K), dtype=np.int8), d)
+    qs = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
+    m = f16_scales(rng, (N, nb), -1.0, 1.0) if fmt == "q4_1" else None
+    return QuantWeight(fmt, qs, d, m)
+
+
+def error_scale(x: np.ndarray, w: QuantWeight) -> float:
+    """The largest sum_k |x[t, k]| * (|d q| + |offset|)[n, k]: the size of the rounding errors.
+
+    The one-token kernels compute d * sum(q x) + offset * sum(x) for every
+    block, so their rounding error scales with the two parts separately, not
+    with |d q + offset| (which may be much smaller when the two cancel).
+    """
+    N, K = w.shape
+    if x.size == 0 or N == 0:
+        return 0.0
+    q = w.dequantize().astype(np.float64)
+    if w.format == "q4_1":
+        offset = np.repeat(w.m, 32, axis=1).astype(np.float64)
+    elif w.format == "q4_0":
+        offset = -8.0 * np.repeat(w.d, 32, axis=1).astype(np.float64)
+    else:
+        offset = np.zeros_like(q)
+    size = np.abs(q - offset) + np.abs(offset)
+    return float((np.abs(x.astype(np.float64)) @ size.T).max())
+
+
+def random_x(rng, T, K, bound=4.0) -> np.ndarray:
+    return rng.uniform(-bound, bound, (T, K)).astype(np.float32)
+
+
+shapes = st.tuples(st.integers(1, 70), st.integers(1, 10).map(lambda b: 32 * b))
+
+
+# ---------------------------------------------------------------- QuantWeight itself
+
+@EXAMPLES
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), shape=shapes, scale=st.sampled_from([1e-3, 1.0, 300.0]))
+def test_dequantize_is_bit_exact_against_gguf(data, fmt, shape, scale):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    values = (rng.standard_normal(shape) * scale).astype(np.float32)
+    values[rng.random(shape) < 0.05] = 0.0                 # some zeros, and sometimes a zero block
+    if shape[0] > 1:
+        values[0, :32] = 0.0
+    qw, expected = from_gguf(values, fmt)
+    ours = qw.dequantize()
+    assert ours.dtype == np.float32 and ours.shape == shape and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
+    assert qw.shape == shape and qw.format == fmt and qw.ndim == 2 and is_quant(qw) and not is_quant(values)
+    per_block = {"q8_0": 36, "q4_0": 20, "q4_1": 24}[fmt]     # bytes per 32 values, scales as float32
+    assert qw.nbytes == shape[0] * shape[1] // 32 * per_block
+
+
+def test_dequantize_formula_by_hand():
+    # One block of each format, values written out.
+    q = np.arange(-16, 16, dtype=np.int8)
+    w = QuantWeight("q8_0", q.reshape(1, 32), np.array([[0.5]], np.float32))
+    np.testing.assert_array_equal(w.dequantize()[0], 0.5 * q)
+    nibbles = np.arange(32) % 16                            # element j and j + 16 share byte j
+    packed = (nibbles[:16] | (nibbles[16:] << 4)).astype(np.uint8).reshape(1, 16)
+    d, m = np.array([[2.0]], np.float32), np.array([[-1.5]], np.float32)
+    np.testing.assert_array_equal(QuantWeight("q4_1", packed, d, m).dequantize()[0], 2.0 * nibbles - 1.5)
+    np.testing.assert_array_equal(QuantWeight("q4_0", packed, d).dequantize()[0], 2.0 * (nibbles - 8))
+
+
+def test_rows_permutes_and_selects():
+    rng = np.random.default_rng(0)
+    for fmt in FORMATS:
+        qw, _ = from_gguf(rng.standard_normal((11, 96)).astype(np.float32), fmt)
+        full = qw.dequantize()
+        perm = rng.permutation(11)
+        np.testing.assert_array_equal(qw.rows(perm).dequantize(), full[perm])
+        np.testing.assert_array_equal(qw.rows([3, 3, 0]).dequantize(), full[[3, 3, 0]])
+        assert qw.rows([]).shape == (0, 96)
+        with pytest.raises(IndexError):
+            qw.rows([11])
+
+
+def test_concat_stacks_rows_and_refuses_mixed_formats():
+    rng = np.random.default_rng(1)
+    parts = [from_gguf(rng.standard_normal((n, 64)).astype(np.float32), "q4_1")[0] for n in (5, 2, 7)]
+    both = concat(parts)
+    assert both.shape == (14, 64) and both.format == "q4_1"
+    np.testing.assert_array_equal(both.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    assert QuantWeight.concat(parts).shape == (14, 64)
+    q8 = from_gguf(rng.standard_normal((3, 64)).astype(np.float32), "q8_0")[0]
+    with pytest.raises(ValueError, match="formats differ"):
+        concat([parts[0], q8])
+    with pytest.raises(ValueError, match="row lengths differ"):
+        concat([parts[0], from_gguf(rng.standard_normal((3, 96)).astype(np.float32), "q4_1")[0]])
+    with pytest.raises(ValueError):
+        concat([parts[0], parts[0].dequantize()])
+    with pytest.raises(ValueError):
+        concat([])
+
+
+def test_to_arrays_and_back_including_from_one_flat_buffer():
+    rng = np.random.default_rng(2)
+    for fmt in FORMATS:
+        qw, _ = from_gguf(rng.standard_normal((6, 128)).astype(np.float32), fmt)
+        arrays = qw.to_arrays()
+        assert set(arrays) == ({"qs", "d", "m"} if fmt == "q4_1" else {"qs", "d"})
+        back = QuantWeight.from_arrays(fmt, qw.shape, arrays)
+        np.testing.assert_array_equal(back.dequantize(), qw.dequantize())
+        # as a cache would store it: all arrays as bytes in one buffer, read back as flat slices
+        buf = np.concatenate([a.view(np.uint8).ravel() for a in arrays.values()])
+        flat, at = {}, 0
+        for name, a in arrays.items():
+            flat[name] = buf[at: at + a.nbytes]
+            at += a.nbytes
+        back = QuantWeight.from_arrays(fmt, list(qw.shape), flat)
+        np.testing.assert_array_equal(back.dequantize(), qw.dequantize())
+
+
+def test_constructor_checks_the_arrays():
+    d = np.zeros((2, 1), np.float32)
+    with pytest.raises(ValueError, match="unknown format"):
+        QuantWeight("q5_0", np.zeros((2, 16), np.uint8), d)
+    with pytest.raises(ValueError, match="int8"):
+        QuantWeight("q8_0", np.zeros((2, 32), np.uint8), d)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantWeight("q8_0", np.zeros((2, 40), np.int8), d)
+    with pytest.raises(ValueError, match="m must be"):
+        QuantWeight("q4_1", np.zeros((2, 16), np.uint8), d)
+    with pytest.raises(ValueError, match="no offsets"):
+        QuantWeight("q4_0", np.zeros((2, 16), np.uint8), d, d)
+    with pytest.raises(ValueError, match="d must be"):
+        QuantWeight("q4_0", np.zeros((2, 16), np.uint8), d.astype(np.float64))
+
+
+# ---------------------------------------------------------------- the CPU operators
+
+@EXAMPLES
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), T=st.integers(1, 40), shape=shapes)
+def test_linear(data, fmt, T, shape):
+    N, K = shape
+    w = data.draw(quant_weights(fmt, N, K))
+    x = random_x(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), T, K)
+    out = cpu.linear(x, w)
+    assert_close(out, ref.linear(x, w), scale=error_scale(x, w))
+    if T > 1:
+        # many tokens: the float32 GEMM on the dequantized rows, so exactly the float32 kernel's result
+        np.testing.assert_array_equal(out, cpu.linear(x, w.dequantize()))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_linear_one_token_at_every_row_count(fmt):
+    # The one-token kernels take rows in groups of four, a quarter of the matrix apart.
+    rng = np.random.default_rng(3)
+    for N in list(range(1, 18)) + [31, 33, 64, 99]:
+        w = from_gguf(rng.standard_normal((N, 64)).astype(np.float32), fmt)[0]
+        x = random_x(rng, 1, 64)
+        assert_close(cpu.linear(x, w), ref.linear(x, w), scale=error_scale(x, w))
+
+
+def test_linear_many_rows_and_long_rows():
+    # Bigger than the hypothesis shapes: several GEMM jobs, long rows (fewer rows per job).
+    rng = np.random.default_rng(4)
+    for fmt, N, K, T in [("q4_1", 257, 576, 1), ("q4_1", 257, 576, 7), ("q8_0", 130, 4096, 5),
+                         ("q4_0", 101, 3072, 1), ("q4_0", 101, 3072, 66)]:
+        w = from_gguf(rng.standard_normal((N, K)).astype(np.float32), fmt)[0]
+        x = random_x(rng, T, K)
+        assert_close(cpu.linear(x, w), ref.linear(x, w), scale=error_scale(x, w))
+
+
+def test_linear_rejects_mismatched_inner_dimension():
+    w = QuantWeight("q8_0", np.zeros((4, 64), np.int8), np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="linear"):
+        cpu.linear(np.ones((2, 32), np.float32), w)
+    assert cpu.linear(np.ones((0, 64), np.float32), w).shape == (0, 4)
+
+
+@EXAMPLES
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), T=st.integers(1, 20), shape=shapes)
+def test_logits_of_selected_rows(data, fmt, T, shape):
+    V, D = shape
+    w = data.draw(quant_weights(fmt, V, D))
+    x = random_x(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), T, D)
+    rows = np.array(data.draw(st.lists(st.integers(0, T - 1), min_size=1, max_size=T)), np.int32)
+    out = cpu.logits(x, rows, w)
+    assert out.shape == (len(rows), V)
+    assert_close(out, ref.logits(x, rows, w), scale=error_scale(x, w))
+
+
+@EXAMPLES
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), shape=shapes, T=st.integers(0, 40), parallel=st.booleans())
+def test_embedding_is_the_dequantized_rows(data, fmt, shape, T, parallel):
+    from tests.test_ops_cpu import serial_or_parallel
+
+    V, D = shape
+    table = data.draw(quant_weights(fmt, V, D))
+    ids = np.array(data.draw(st.lists(st.integers(0, V - 1), min_size=T, max_size=T)), np.int32)
+    with serial_or_parallel(parallel):
+        out = cpu.embedding(table, ids)
+    assert out.dtype == np.float32 and out.shape == (T, D)
+    np.testing.assert_array_equal(out, ref.embedding(table, ids))
+    np.testing.assert_array_equal(out, table.dequantize()[ids])
+
+
+@pytest.mark.parametrize("bad_id", [-1, 5])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_rejects_ids_outside_the_table(bad_id, fmt):
+    table = from_gguf(np.ones((5, 32), np.float32), fmt)[0]
+    with pytest.raises(ValueError, match=r"ids\[1\]"):
+        cpu.embedding(table, np.array([0, bad_id], np.int32))
+    with pytest.raises(ValueError):
+        ref.embedding(table, np.array([0, bad_id], np.int32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_nan_in_x_gives_nan_out(fmt, T):
+    rng = np.random.default_rng(5)
+    w = from_gguf(rng.standard_normal((13, 96)).astype(np.float32), fmt)[0]
+    x = random_x(rng, T, 96)
+    x[T - 1, 37] = np.nan
+    out = cpu.linear(x, w)
+    assert np.isnan(out[T - 1]).all()             # every row of w meets the NaN
+    assert np.isfinite(out[: T - 1]).all()        # the other tokens are untouched
+    assert np.isnan(cpu.logits(x, np.array([T - 1], np.int32), w)).all()
+
+
+# ---------------------------------------------------------------- the loader
+
+def test_gguf_keep_quant_keeps_q8_0_q4_0_q4_1_and_dequantizes_the_rest(tmp_path):
+    cfg = tiny_config(tied_embeddings=True)
+    weights = random_weights(cfg, seed=3)
+    types = {"tok_embeddings": Q.Q8_0, "layers.0.wq": Q.Q4_1, "layers.0.wk": Q.Q4_0, "layers.0.wv": Q.Q8_0,
+             "layers.0.wo": Q.F16, "layers.0.w_gate": Q.Q4_1, "layers.0.w_up": Q.Q5_0,
+             "layers.1.wq": Q.Q8_0, "layers.1.wk": Q.Q4_1, "layers.1.w_down": Q.BF16}
+    write_gguf(tmp_path / "q.gguf", cfg, weights, types)
+    plain = load_checkpoint(tmp_path / "q.gguf")
+    kept = load_checkpoint(tmp_path / "q.gguf", keep_quant=True)
+    assert list(kept.weights) == list(plain.weights)
+    for name, w in kept.weights.items():
+        expected_format = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}.get(types.get(name))
+        if expected_format is None:
+            assert isinstance(w, np.ndarray) and w.dtype == np.float32, name
+            np.testing.assert_array_equal(w, plain.weights[name], err_msg=name)
+        else:
+            assert is_quant(w) and w.format == expected_format, name
+            # same values, rows of wq/wk reordered from the file's RoPE order like the float32 ones
+            np.testing.assert_array_equal(w.dequantize().view(np.uint32), plain.weights[name].view(np.uint32),
+                                          err_msg=name)
+
+
+def test_keep_quant_is_ignored_by_formats_without_blocks(tmp_path):
+    cfg = tiny_config()
+    write_gguf(tmp_path / "f.gguf", cfg, random_weights(cfg))
+    ck = load_checkpoint(tmp_path / "f.gguf", keep_quant=True)
+    assert not any(is_quant(w) for w in ck.weights.values())
+
+
+def test_default_model_keep_quant_is_lossless(smollm2_path):
+    plain = load_checkpoint(smollm2_path)
+    kept = load_checkpoint(smollm2_path, keep_quant=True)
+    formats = {}
+    for name, w in kept.weights.items():
+        formats[getattr(w, "format", "f32")] = formats.get(getattr(w, "format", "f32"), 0) + 1
+        got = w.dequantize() if is_quant(w) else w
+        np.testing.assert_array_equal(got.view(np.uint32), plain.weights[name].view(np.uint32), err_msg=name)
+    # every layer matrix is Q4_1 and the (tied) embedding table Q8_0 in this file
+    assert formats == {"q4_1": 7 * 30, "q8_0": 1, "f32": 2 * 30 + 1}
+    assert kept.weights["tok_embeddings"].format == "q8_0"
+    quant_bytes = sum(w.nbytes for w in kept.weights.values())
+    assert quant_bytes < sum(w.nbytes for w in plain.weights.values()) / 4
+    assert math.isclose(quant_bytes / 1e6, 111.6, rel_tol=0.01)
