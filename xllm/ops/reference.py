@@ -88,18 +88,51 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray)
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(F32)
 
 
+def quantize_kv_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per head: x [..., hd] float32 -> (q int8 [..., hd], s float32 [...]).
+
+    s = max|x| / 127 and q = round(x / s) (to nearest, ties to even), clipped
+    to [-127, 127], both computed in float32, so that q * s is within s / 2
+    (plus float32 rounding) of x. A head of zeros, or one so tiny that s
+    rounds to 0, gets s = 0 and q = 0. A head holding NaN or inf gets s = NaN
+    and q = 0: dequantized, it is all NaN rather than some finite guess.
+    """
+    x = np.asarray(x, F32)
+    finite = np.isfinite(x).all(axis=-1)
+    amax = np.where(np.isfinite(x), np.abs(x), F32(0)).max(axis=-1)
+    s = (amax / F32(127)).astype(F32)
+    ok = finite & (s > 0)
+    safe = np.where(ok, s, F32(1))[..., None]
+    q = np.where(ok[..., None], np.clip(np.rint(x / safe), -127, 127), 0).astype(np.int8)
+    return q, np.where(finite, s, F32(np.nan)).astype(F32)
+
+
 def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-             slot_mapping: np.ndarray) -> None:
-    """Write the new keys/values into the paged caches: cache[slot_mapping[t]] = new[t]."""
+             slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
+             v_scale: np.ndarray | None = None) -> None:
+    """Write the new keys/values into the paged caches: cache[slot_mapping[t]] = new[t].
+
+    The caches decide how a number is stored:
+      * float32: as is;
+      * float16: the nearest float16 (numpy's astype(np.float16): ties to even,
+        beyond +-65504 inf, NaN stays NaN);
+      * int8: `quantize_kv_int8` of each token's head, the scales going into
+        k_scale / v_scale [S, Hkv] float32 at the same slots.
+    """
     slot_mapping = np.asarray(slot_mapping)
     if slot_mapping.size and (slot_mapping.min() < 0 or slot_mapping.max() >= k_cache.shape[0]):
         raise ValueError(f"store_kv: slot out of range [0, {k_cache.shape[0]})")
-    k_cache[slot_mapping] = k
-    v_cache[slot_mapping] = v
+    if k_cache.dtype == np.int8:
+        k_cache[slot_mapping], k_scale[slot_mapping] = quantize_kv_int8(k)
+        v_cache[slot_mapping], v_scale[slot_mapping] = quantize_kv_int8(v)
+    else:
+        k_cache[slot_mapping] = k            # numpy rounds to float16 when the cache is float16
+        v_cache[slot_mapping] = v
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
-              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
+              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float,
+              k_scale: np.ndarray | None = None, v_scale: np.ndarray | None = None) -> np.ndarray:
     """Causal paged attention over a ragged batch with grouped-query heads.
 
     q [T, H, hd]; caches [S, Hkv, hd]; block_table [B, MAXB]; cu_q [B+1].
@@ -107,6 +140,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     keys of its sequence at positions 0 .. positions[t]; key position p of
     sequence b is in cache slot block_table[b, p // block_size] * block_size
     + p % block_size. Query head h reads kv head h // (H // Hkv).
+
+    A cached key or value is read as its float value: float32 and float16
+    as they are, int8 times its scale (k_scale, v_scale [S, Hkv]).
     """
     T, H, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -120,8 +156,12 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
         n = int(pos.max()) + 1                                  # keys this sequence needs
         p = np.arange(n)
         slots = block_table[b, p // block_size].astype(np.int64) * block_size + p % block_size
-        keys = np.repeat(k_cache[slots].astype(F64), group, axis=1)    # [n, H, hd]
-        vals = np.repeat(v_cache[slots].astype(F64), group, axis=1)
+        keys, vals = k_cache[slots].astype(F64), v_cache[slots].astype(F64)      # [n, Hkv, hd]
+        if k_scale is not None:                                 # int8: dequantize
+            keys *= k_scale[slots].astype(F64)[..., None]
+            vals *= v_scale[slots].astype(F64)[..., None]
+        keys = np.repeat(keys, group, axis=1)                   # [n, H, hd]
+        vals = np.repeat(vals, group, axis=1)
         scores = np.einsum("thd,nhd->htn", q[lo:hi].astype(F64), keys) * scale
         future = p[None, :] > pos[:, None]                      # [t, n]: key after query
         scores = np.where(future[None], -np.inf, scores)

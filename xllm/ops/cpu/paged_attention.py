@@ -13,6 +13,14 @@ the keys the row may see (positions 0 .. positions[t]):
   3. out = sum_p score[p] * v[p] / sum.
 Walking the keys block by block finds each slot with an addition instead of a
 division per key.
+
+The cache may store float32, float16 or int8 (see kv_storage.py). Each stored
+element goes through `widen` (float16 bits -> float32, int8 -> float32) as it
+is read, and int8 caches bring one scale per token per kv head, applied once
+per key rather than once per element:
+  dot(q, s_k * k_int8) = s_k * dot(q, k_int8)     and     w * (s_v * v_int8) = (w * s_v) * v_int8.
+For float caches the scales are None and the compiler drops those lines, so
+the float32 path is the same machine code as without storage formats.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import numpy as np
 from numba import prange
 
 from .common import FAST
+from .kv_storage import kernel_arrays, widen
 
 # Problems `_plan` can find, by the code it returns.
 _PLAN_ERRORS = {
@@ -69,8 +78,11 @@ def _plan(T, n_slots, block_table, block_size, cu_q, positions):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _attend(q, k_cache, v_cache, block_table, block_size, b, t, h, kvh, n, scale, out):
-    """out[t, h] = attention of query row t, head h over the first n keys of sequence b."""
+def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t, h, kvh, n, scale, out):
+    """out[t, h] = attention of query row t, head h over the first n keys of sequence b.
+
+    k_scale and v_scale are the int8 caches' scales [S, Hkv], or None.
+    """
     hd = q.shape[2]
     q_scaled = np.empty(hd, np.float32)
     for d in range(hd):
@@ -88,7 +100,9 @@ def _attend(q, k_cache, v_cache, block_table, block_size, b, t, h, kvh, n, scale
         for j in range(min(block_size, n - p0)):
             s = np.float32(0.0)
             for d in range(hd):
-                s += q_scaled[d] * k_cache[first_slot + j, kvh, d]
+                s += q_scaled[d] * widen(k_cache[first_slot + j, kvh, d])
+            if k_scale is not None:
+                s *= k_scale[first_slot + j, kvh]        # NaN for a key stored from NaN/inf
             scores[p0 + j] = s
             if s > m:
                 m = s
@@ -107,15 +121,17 @@ def _attend(q, k_cache, v_cache, block_table, block_size, b, t, h, kvh, n, scale
         p0 = blk * block_size
         for j in range(min(block_size, n - p0)):
             weight = scores[p0 + j]
+            if v_scale is not None:
+                weight *= v_scale[first_slot + j, kvh]
             for d in range(hd):
-                acc[d] += weight * v_cache[first_slot + j, kvh, d]
+                acc[d] += weight * widen(v_cache[first_slot + j, kvh, d])
     inv_total = np.float32(1.0 / total)
     for d in range(hd):
         out[t, h, d] = acc[d] * inv_total
 
 
 @numba.njit(parallel=True, cache=True)
-def _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions, scale, out):
+def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, out):
     """Run `_attend` for every (query row, query head) pair, in parallel."""
     T, H = q.shape[0], q.shape[1]
     group = H // k_cache.shape[1]          # query heads per kv head
@@ -126,17 +142,20 @@ def _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions,
     for job in prange(H * T):
         h = job // T
         t = job % T
-        _attend(q, k_cache, v_cache, block_table, block_size, row_seq[t], t, h, h // group,
+        _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq[t], t, h, h // group,
                 positions[t] + 1, scale32, out)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
-              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float) -> np.ndarray:
+              block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float,
+              k_scale: np.ndarray | None = None, v_scale: np.ndarray | None = None) -> np.ndarray:
     """Causal paged attention: q [T, H, hd], caches [S, Hkv, hd] -> new [T, H, hd].
 
     block_table [B, MAXB] int32, cu_q [B+1] int32, positions [T] int32; query
     head h reads kv head h // (H // Hkv). The caller has already written the
-    new tokens' keys and values with `store_kv`.
+    new tokens' keys and values with `store_kv`. The caches are float32,
+    float16, or int8 with k_scale and v_scale [S, Hkv] float32 (`scale` is
+    the softmax scale, usually head_dim ** -0.5).
     """
     if (q.ndim != 3 or k_cache.ndim != 3 or v_cache.shape != k_cache.shape
             or q.shape[2] != k_cache.shape[2] or k_cache.shape[1] == 0
@@ -151,6 +170,7 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     row_seq, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
     if code:
         raise ValueError(f"attention: {_PLAN_ERRORS[code]} (at index {where})")
+    kc, vc = kernel_arrays("attention", k_cache, v_cache, k_scale, v_scale)
     out = np.empty(q.shape, np.float32)
-    _attention(q, k_cache, v_cache, block_table, block_size, row_seq, positions, scale, out)
+    _attention(q, kc, vc, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, out)
     return out

@@ -23,6 +23,7 @@ from numba import prange
 
 from ..quant import QuantWeight
 from .common import FAST, PARALLEL_MIN_ELEMENTS
+from .kv_storage import kernel_arrays, store_head
 
 
 @numba.njit(cache=True)
@@ -241,45 +242,49 @@ def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- store_kv
 
 @numba.njit(cache=True)
-def _store_kv_row(k, v, k_cache, v_cache, slot_mapping, t):
+def _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t):
+    """Row t of k and v into slot slot_mapping[t], each head in the cache's format."""
     slot = slot_mapping[t]
     for h in range(k.shape[1]):
-        for d in range(k.shape[2]):
-            k_cache[slot, h, d] = k[t, h, d]
-            v_cache[slot, h, d] = v[t, h, d]
+        store_head(k, t, h, k_cache, k_scale, slot)
+        store_head(v, t, h, v_cache, v_scale, slot)
 
 
 @numba.njit(cache=True)
-def _store_kv_serial(k, v, k_cache, v_cache, slot_mapping):
+def _store_kv_serial(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping):
     bad = _first_out_of_range(slot_mapping, k_cache.shape[0])
     if bad < 0:
         for t in range(k.shape[0]):
-            _store_kv_row(k, v, k_cache, v_cache, slot_mapping, t)
+            _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t)
     return bad
 
 
 @numba.njit(parallel=True, cache=True)
-def _store_kv_parallel(k, v, k_cache, v_cache, slot_mapping):
+def _store_kv_parallel(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping):
     bad = _first_out_of_range(slot_mapping, k_cache.shape[0])
     if bad < 0:
         for t in prange(k.shape[0]):
-            _store_kv_row(k, v, k_cache, v_cache, slot_mapping, t)
+            _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t)
     return bad
 
 
 def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-             slot_mapping: np.ndarray) -> None:
+             slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
+             v_scale: np.ndarray | None = None) -> None:
     """k_cache[slot_mapping[t]] = k[t] and likewise for v, in place.
 
-    k, v [T, Hkv, hd]; caches [S, Hkv, hd]; slot_mapping [T] int32, each < S.
-    Nothing is written when a slot is out of range.
+    k, v [T, Hkv, hd] float32; caches [S, Hkv, hd] float32, float16 or int8;
+    slot_mapping [T] int32, each < S. int8 caches also take k_scale and
+    v_scale [S, Hkv] float32, written with one scale per token per kv head
+    (see kv_storage.py). Nothing is written when a slot is out of range.
     """
     if (k.ndim != 3 or v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.ndim != 3
             or k_cache.shape[1:] != k.shape[1:] or slot_mapping.shape != k.shape[:1]):
         raise ValueError(f"store_kv: need k, v [T, Hkv, hd], caches [S, Hkv, hd], slot_mapping [T], got "
                          f"{k.shape}, {v.shape}, {k_cache.shape}, {v_cache.shape}, {slot_mapping.shape}")
+    kc, vc = kernel_arrays("store_kv", k_cache, v_cache, k_scale, v_scale)
     run = _store_kv_parallel if k.size >= PARALLEL_MIN_ELEMENTS else _store_kv_serial
-    bad = run(k, v, k_cache, v_cache, slot_mapping)
+    bad = run(k, v, kc, vc, k_scale, v_scale, slot_mapping)
     if bad >= 0:
         raise ValueError(f"store_kv: slot_mapping[{bad}] = {slot_mapping[bad]} is not a slot of the "
                          f"{k_cache.shape[0]}-slot cache")
