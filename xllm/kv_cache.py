@@ -11,6 +11,14 @@ blocks it already has. The token at position p of a sequence lives at slot
 so sequences of any length share one pool without padding, and a finished
 sequence gives its blocks back with `free`.
 
+The arrays store keys and values as float32, float16 or int8 (`kv_dtype`
+"fp32", "fp16", "int8"). int8 keeps beside them one float32 scale per token per
+kv head (`k_scale`, `v_scale`, [num_blocks * block_size, n_kv_heads]): a
+token's head of head_dim numbers x is stored as round(x / s), s = max|x| / 127.
+`store_kv` narrows on the way in, `attention` widens as it reads; `layer(i)`
+gives the four arrays of layer i as those operators take them
+(see `xllm.ops.cpu.kv_storage` for the formats).
+
 Example (block_size 4): a sequence of 6 tokens with block table [7, 2] keeps
 positions 0..3 in slots 28..31 and positions 4..5 in slots 8..9.
 
@@ -22,6 +30,8 @@ per-layer arrays beside one `BlockManager` and turns block numbers into slots.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,33 +132,101 @@ class BlockManager:
             assert length <= self.capacity(seq_id), f"sequence {seq_id} stores more tokens than its blocks hold"
 
 
-def num_blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int = 128) -> int:
-    """How many blocks of `block_size` tokens fit in `budget_bytes` of float32
-    keys and values, every layer counted (at least 1).
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+SCALE_DTYPE = np.float32                  # int8's per-token, per-kv-head scales
 
-    One block costs 2 (key and value) * n_layers * block_size * n_kv_heads *
-    head_dim * 4 bytes: 1.5 MiB at 128 tokens for SmolLM2-135M
-    (30 layers, 3 KV heads of 64).
+
+def _check_kv_dtype(kv_dtype: str) -> None:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
+
+
+def kv_bytes_per_token(config: ModelConfig, kv_dtype: str = "fp32") -> int:
+    """Bytes one token's keys and values take over all layers.
+
+    2 (key and value) * n_layers * n_kv_heads * (head_dim * bytes of the dtype,
+    + 4 for int8's scale): 46,080 bytes in fp32, 23,040 in fp16 and 12,240 in
+    int8 for SmolLM2-135M (30 layers, 3 kv heads of 64).
     """
-    per_block = 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * 4
+    _check_kv_dtype(kv_dtype)
+    per_head = config.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize
+    if kv_dtype == "int8":
+        per_head += np.dtype(SCALE_DTYPE).itemsize
+    return 2 * config.n_layers * config.n_kv_heads * per_head
+
+
+def num_blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int = 128,
+                          kv_dtype: str = "fp32") -> int:
+    """How many blocks of `block_size` tokens fit in `budget_bytes` of keys and
+    values stored as `kv_dtype`, every layer counted (at least 1).
+
+    One block costs block_size * kv_bytes_per_token; at 128 tokens for
+    SmolLM2-135M in fp32 5.6 MiB, in fp16 2.8 MiB, in int8 1.5 MiB.
+    """
+    per_block = block_size * kv_bytes_per_token(config, kv_dtype)
     return max(1, budget_bytes // per_block)
+
+
+class KVLayer(NamedTuple):
+    """One layer's cache arrays, as `store_kv` and `attention` take them.
+
+    k, v [S, n_kv_heads, head_dim] of the storage dtype; k_scale, v_scale
+    [S, n_kv_heads] float32 for int8, None otherwise.
+    """
+
+    k: np.ndarray
+    v: np.ndarray
+    k_scale: np.ndarray | None
+    v_scale: np.ndarray | None
 
 
 class KVCache:
     """The per-layer key and value arrays, and the `BlockManager` saying whose
-    tokens are where (`self.blocks`)."""
+    tokens are where (`self.blocks`).
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128):
+    `kv_dtype` ("fp32", "fp16" or "int8") is how the arrays store a number;
+    for int8, `k_scale` and `v_scale` are the per-layer scale arrays (else None).
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128, kv_dtype: str = "fp32"):
+        _check_kv_dtype(kv_dtype)
         self.blocks = BlockManager(num_blocks, block_size)
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)
+        self.kv_dtype = kv_dtype
+        S, L = num_blocks * block_size, config.n_layers
+        shape = (S, config.n_kv_heads, config.head_dim)
+        dtype = KV_DTYPES[kv_dtype]
         # np.zeros maps pages lazily: memory is touched only where tokens are written.
-        self.k = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.k = [np.zeros(shape, dtype) for _ in range(L)]
+        self.v = [np.zeros(shape, dtype) for _ in range(L)]
+        self.k_scale: list[np.ndarray] | None = None
+        self.v_scale: list[np.ndarray] | None = None
+        if kv_dtype == "int8":
+            self.k_scale = [np.zeros(shape[:2], SCALE_DTYPE) for _ in range(L)]
+            self.v_scale = [np.zeros(shape[:2], SCALE_DTYPE) for _ in range(L)]
 
     @classmethod
-    def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 128) -> "KVCache":
+    def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 128,
+                   kv_dtype: str = "fp32") -> "KVCache":
         """A cache with as many blocks as `budget_bytes` pays for."""
-        return cls(config, num_blocks_for_budget(config, budget_bytes, block_size), block_size)
+        return cls(config, num_blocks_for_budget(config, budget_bytes, block_size, kv_dtype), block_size, kv_dtype)
+
+    def layer(self, i: int) -> KVLayer:
+        """Layer i's arrays for the operators:
+
+            kv = cache.layer(i)
+            ops.store_kv(k, v, kv.k, kv.v, slot_mapping, kv.k_scale, kv.v_scale)
+            ops.attention(q, kv.k, kv.v, ..., scale, kv.k_scale, kv.v_scale)
+        """
+        if self.k_scale is None:
+            return KVLayer(self.k[i], self.v[i], None, None)
+        return KVLayer(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of every array of the cache, scales included (all of the
+        pool, written or not: what the budget pays for)."""
+        arrays = self.k + self.v + (self.k_scale or []) + (self.v_scale or [])
+        return sum(a.nbytes for a in arrays)
 
     # The bookkeeping lives in self.blocks; these names keep the cache's own API.
     @property
