@@ -126,6 +126,7 @@ def test_dequantize_formula_by_hand():
     d, m = np.array([[2.0]], np.float32), np.array([[-1.5]], np.float32)
     np.testing.assert_array_equal(QuantWeight("q4_1", packed, d, m).dequantize()[0], 2.0 * nibbles - 1.5)
     np.testing.assert_array_equal(QuantWeight("q4_0", packed, d).dequantize()[0], 2.0 * (nibbles - 8))
+    assert w.blocks.shape == (1, 1, 32) and QuantWeight("q4_0", packed, d).blocks.shape == (1, 1, 16)
 
 
 def test_rows_permutes_and_selects():

@@ -39,6 +39,7 @@ as d * q + (-8 d), the form of q4_1 with m = -8 d (the kernels do that).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -97,6 +98,16 @@ class QuantWeight:
         return (N, cols if self.format == "q8_0" else 2 * cols)
 
     ndim = 2
+
+    @cached_property
+    def blocks(self) -> np.ndarray:
+        """qs viewed as [N, K/32, bytes per block] (32 for q8_0, 16 for the 4-bit formats).
+
+        Block b of row n is blocks[n, b]. The CPU kernels take this view (see
+        xllm/ops/cpu/qmatmul.py); it is made once and kept.
+        """
+        N, K = self.shape
+        return self.qs.reshape(N, K // BLOCK, self.qs.shape[1] * BLOCK // K)
 
     @property
     def nbytes(self) -> int:

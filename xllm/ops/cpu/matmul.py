@@ -128,8 +128,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     w may also be a QuantWeight (xllm/ops/quant.py): then qmatmul.py computes it.
     """
     if isinstance(w, QuantWeight):
-        from .qmatmul import qlinear      # imported here: qmatmul itself imports this module
-        return qlinear(x, w)
+        return qmatmul.qlinear(x, w)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"linear: need x [T, K] and w [N, K], got {x.shape} and {w.shape}")
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
@@ -147,3 +146,7 @@ def logits(x: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     index past the end raises IndexError).
     """
     return linear(x[rows], w)
+
+
+# At the end: qmatmul imports _gemm_block and ROWS_PER_BLOCK from this module.
+from . import qmatmul  # noqa: E402

@@ -68,8 +68,7 @@ def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     table may also be a QuantWeight: its selected rows are dequantized (qmatmul.py).
     """
     if isinstance(table, QuantWeight):
-        from .qmatmul import qembedding
-        return qembedding(table, ids, parallel=ids.shape[0] * table.shape[1] >= PARALLEL_MIN_ELEMENTS)
+        return qmatmul.qembedding(table, ids, parallel=ids.shape[0] * table.shape[1] >= PARALLEL_MIN_ELEMENTS)
     if table.ndim != 2 or ids.ndim != 1:
         raise ValueError(f"embedding: need table [V, D] and ids [T], got {table.shape} and {ids.shape}")
     out = np.empty((ids.shape[0], table.shape[1]), np.float32)
@@ -288,3 +287,7 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
     if bad >= 0:
         raise ValueError(f"store_kv: slot_mapping[{bad}] = {slot_mapping[bad]} is not a slot of the "
                          f"{k_cache.shape[0]}-slot cache")
+
+
+# At the end: qmatmul imports _first_out_of_range from this module.
+from . import qmatmul  # noqa: E402

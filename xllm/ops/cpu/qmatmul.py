@@ -23,7 +23,8 @@ All arithmetic here is float32, on exactly those values.
      its length must not be a constant. With `range(16)` LLVM unrolls it
      completely and then vectorizes the loop over *blocks* instead, loading
      every value separately. The wrappers therefore pass qs as a 3-D view
-     [N, K/32, bytes per block], whose last dimension LLVM cannot see.
+     [N, K/32, bytes per block] (`QuantWeight.blocks`), whose last dimension
+     LLVM cannot see.
   2. Array indices must be visibly non-negative. `x[b, 16 + j]` is; an index
      like `x[b, half + j]` (half read from an array shape) makes Numba add
      its negative-index fix-up to every load, which stops vectorization.
@@ -306,39 +307,35 @@ def _embedding_q4_parallel(qs, d, o, c, ids, out):
 
 # ---------------------------------------------------------------- wrappers
 
-def _blocks(w: QuantWeight):
-    """The kernels' view of w: qs as [N, K/32, bytes per block], and (o, c) for the 4-bit formats."""
-    N, K = w.shape
-    if w.format == "q8_0":
-        return w.qs.reshape(N, K // BLOCK, BLOCK), None, 0.0
-    qs = w.qs.reshape(N, K // BLOCK, BLOCK // 2)
+def _offsets(w: QuantWeight):
+    """(o, c) of the 4-bit formats: value = d * q + o * c (see the module docstring)."""
     if w.format == "q4_1":
-        return qs, w.m, 1.0
-    return qs, w.d, -8.0                               # q4_0: d * (q - 8) = d * q + d * (-8)
+        return w.m, 1.0
+    return w.d, -8.0                                   # q4_0: d * (q - 8) = d * q + d * (-8)
 
 
 def qlinear(x: np.ndarray, w: QuantWeight) -> np.ndarray:
     """y = x @ w.dequantize().T without making the float32 matrix.  x [T, K] -> new [T, N]."""
-    N, K = w.shape
+    qs = w.blocks                                      # [N, K/32, bytes per block]
+    N, K = qs.shape[0], BLOCK * qs.shape[1]
     if x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"linear: need x [T, K] and w [N, K], got {x.shape} and {w.shape} ({w.format})")
     T = x.shape[0]
     out = np.empty((T, N), np.float32)
     if T == 0 or N == 0:
         return out
-    qs, o, c = _blocks(w)
     if T == 1:
-        if o is None:
+        if w.format == "q8_0":
             _gemv_q8(x, qs, w.d, out)
         else:
-            _gemv_q4(x, qs, w.d, o, c, out)
+            _gemv_q4(x, qs, w.d, *_offsets(w), out)
         return out
-    rows = max(3, min(ROWS_PER_BLOCK, SCRATCH_BYTES // (4 * max(K, 1)) // 3 * 3))
+    rows = max(3, min(ROWS_PER_BLOCK, SCRATCH_BYTES // (4 * K) // 3 * 3))
     workers = min(numba.get_num_threads(), -(-N // rows))
-    if o is None:
+    if w.format == "q8_0":
         _gemm_q8(x, qs, w.d, rows, workers, out)
     else:
-        _gemm_q4(x, qs, w.d, o, c, rows, workers, out)
+        _gemm_q4(x, qs, w.d, *_offsets(w), rows, workers, out)
     return out
 
 
@@ -351,11 +348,12 @@ def qembedding(table: QuantWeight, ids: np.ndarray, parallel: bool = False) -> n
         raise ValueError(f"embedding: need table [V, D] and ids [T], got {table.shape} and {ids.shape}")
     V, D = table.shape
     out = np.empty((ids.shape[0], D), np.float32)
-    qs, o, c = _blocks(table)
-    if o is None:
+    qs = table.blocks
+    if table.format == "q8_0":
         bad = (_embedding_q8_parallel if parallel else _embedding_q8_serial)(qs, table.d, ids, out)
     else:
-        bad = (_embedding_q4_parallel if parallel else _embedding_q4_serial)(qs, table.d, o, c, ids, out)
+        run = _embedding_q4_parallel if parallel else _embedding_q4_serial
+        bad = run(qs, table.d, *_offsets(table), ids, out)
     if bad >= 0:
         raise ValueError(f"embedding: ids[{bad}] = {ids[bad]} is not a row of the {V}-row table")
     return out
