@@ -7,8 +7,9 @@
 Every device provides the operators in OPS with the same signatures:
 "reference" is plain numpy (the specification, `xllm/ops/reference.py`),
 "cpu" is the compiled version the engine runs (`xllm/ops/cpu/`). All float
-arrays are float32 and C-contiguous, index arrays int32; each operator returns
-a new array except `store_kv`, which writes into the caches.
+arrays are float32 and C-contiguous, index arrays int32, except the KV caches,
+which may also be float16, or int8 with float32 scales (`store_kv`); each
+operator returns a new array except `store_kv`, which writes into the caches.
 """
 
 from __future__ import annotations
