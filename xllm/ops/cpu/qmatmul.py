@@ -208,17 +208,17 @@ def _gemv_q4(x, qs, d, o, c, out):
 # (d * q is exact, see quant.py, so the only rounding is the final "+ offset".)
 
 @numba.njit(cache=True)
-def _dequant_row_q8(qs, d, n, dst):
-    """dst[:] = row n of a q8_0 matrix (qs [N, K/32, 32]), dst a float32 [K/32, 32] view."""
+def _dequant_row_q8(qs, d, n, dst, r):
+    """dst[r] = row n of a q8_0 matrix; qs [N, K/32, 32], dst float32 [R, K/32, 32]."""
     for b in range(qs.shape[1]):
         db = d[n, b]
         for j in range(qs.shape[2]):
-            dst[b, j] = db * f32(qs[n, b, j])
+            dst[r, b, j] = db * f32(qs[n, b, j])
 
 
 @numba.njit(cache=True)
-def _dequant_row_q4(qs, d, o, c, n, dst):
-    """dst[:] = row n of a q4_0/q4_1 matrix (qs [N, K/32, 16]), dst a float32 [K/32, 32] view.
+def _dequant_row_q4(qs, d, o, c, n, dst, r):
+    """dst[r] = row n of a q4_0/q4_1 matrix; qs [N, K/32, 16], dst float32 [R, K/32, 32].
 
     The high nibble is used in place as in `_dot4_q4`: (d / 16) * (byte & 0xF0)
     is d * q_hi exactly (d / 16 is exact, and so are both products).
@@ -229,8 +229,8 @@ def _dequant_row_q4(qs, d, o, c, n, dst):
         ob = o[n, b] * f32(c)
         for j in range(qs.shape[2]):
             byte = qs[n, b, j]
-            dst[b, j] = db * f32(byte & 0x0F) + ob
-            dst[b, 16 + j] = db16 * f32(byte & 0xF0) + ob
+            dst[r, b, j] = db * f32(byte & 0x0F) + ob
+            dst[r, b, 16 + j] = db16 * f32(byte & 0xF0) + ob
 
 
 # ---------------------------------------------------------------- GEMM: many tokens
@@ -243,11 +243,12 @@ def _gemm_q8(x, qs, d, rows_per_job, n_workers, out):
     n_jobs = (N + rows_per_job - 1) // rows_per_job
     for worker in prange(n_workers):
         w = np.empty((rows_per_job, K), np.float32)        # this worker's scratch, reused per job
+        w_blocks = w.reshape(rows_per_job, nb, bs)          # the same memory, block by block
         for job in range(worker, n_jobs, n_workers):
             n0 = job * rows_per_job
             rows = min(rows_per_job, N - n0)
             for r in range(rows):
-                _dequant_row_q8(qs, d, n0 + r, w[r].reshape(nb, bs))
+                _dequant_row_q8(qs, d, n0 + r, w_blocks, r)
             _gemm_block(x, w, out[:, n0:n0 + rows], 0, rows, 0, T)
 
 
@@ -259,11 +260,12 @@ def _gemm_q4(x, qs, d, o, c, rows_per_job, n_workers, out):
     n_jobs = (N + rows_per_job - 1) // rows_per_job
     for worker in prange(n_workers):
         w = np.empty((rows_per_job, K), np.float32)
+        w_blocks = w.reshape(rows_per_job, nb, 2 * half)
         for job in range(worker, n_jobs, n_workers):
             n0 = job * rows_per_job
             rows = min(rows_per_job, N - n0)
             for r in range(rows):
-                _dequant_row_q4(qs, d, o, c, n0 + r, w[r].reshape(nb, 2 * half))
+                _dequant_row_q4(qs, d, o, c, n0 + r, w_blocks, r)
             _gemm_block(x, w, out[:, n0:n0 + rows], 0, rows, 0, T)
 
 
@@ -273,8 +275,9 @@ def _gemm_q4(x, qs, d, o, c, rows_per_job, n_workers, out):
 def _embedding_q8_serial(qs, d, ids, out):
     bad = _first_out_of_range(ids, qs.shape[0])
     if bad < 0:
+        out_blocks = out.reshape(ids.shape[0], qs.shape[1], qs.shape[2])
         for t in range(ids.shape[0]):
-            _dequant_row_q8(qs, d, ids[t], out[t].reshape(qs.shape[1], qs.shape[2]))
+            _dequant_row_q8(qs, d, ids[t], out_blocks, t)
     return bad
 
 
@@ -282,8 +285,9 @@ def _embedding_q8_serial(qs, d, ids, out):
 def _embedding_q8_parallel(qs, d, ids, out):
     bad = _first_out_of_range(ids, qs.shape[0])
     if bad < 0:
+        out_blocks = out.reshape(ids.shape[0], qs.shape[1], qs.shape[2])
         for t in prange(ids.shape[0]):
-            _dequant_row_q8(qs, d, ids[t], out[t].reshape(qs.shape[1], qs.shape[2]))
+            _dequant_row_q8(qs, d, ids[t], out_blocks, t)
     return bad
 
 
@@ -291,8 +295,9 @@ def _embedding_q8_parallel(qs, d, ids, out):
 def _embedding_q4_serial(qs, d, o, c, ids, out):
     bad = _first_out_of_range(ids, qs.shape[0])
     if bad < 0:
+        out_blocks = out.reshape(ids.shape[0], qs.shape[1], 2 * qs.shape[2])
         for t in range(ids.shape[0]):
-            _dequant_row_q4(qs, d, o, c, ids[t], out[t].reshape(qs.shape[1], 2 * qs.shape[2]))
+            _dequant_row_q4(qs, d, o, c, ids[t], out_blocks, t)
     return bad
 
 
@@ -300,8 +305,9 @@ def _embedding_q4_serial(qs, d, o, c, ids, out):
 def _embedding_q4_parallel(qs, d, o, c, ids, out):
     bad = _first_out_of_range(ids, qs.shape[0])
     if bad < 0:
+        out_blocks = out.reshape(ids.shape[0], qs.shape[1], 2 * qs.shape[2])
         for t in prange(ids.shape[0]):
-            _dequant_row_q4(qs, d, o, c, ids[t], out[t].reshape(qs.shape[1], 2 * qs.shape[2]))
+            _dequant_row_q4(qs, d, o, c, ids[t], out_blocks, t)
     return bad
 
 
