@@ -25,7 +25,7 @@ def weight_bytes_per_token(model) -> int:
     w = model.w
     total = sum(a.nbytes for name, a in w.items() if name != "tok_embeddings")
     if w["output"] is not w["tok_embeddings"]:
-        total += w["tok_embeddings"][0].nbytes
+        total += w["tok_embeddings"].nbytes // w["tok_embeddings"].shape[0]   # one row
     return total
 
 
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--f32", action="store_true", help="dequantize every weight to float32 at load")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
 
     numba.set_num_threads(args.threads)
     path = args.model or default_model_path()
-    model, tok, _ = load_model(path)
+    model, tok, _ = load_model(path, keep_quant=not args.f32)
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, args.prompt_tokens)]
     session = Session(model)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     tg = statistics.median(r[1] for r in runs)
     bpt = weight_bytes_per_token(model)
     result = {
-        "model": str(path), "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "model": str(path), "weights": "f32" if args.f32 else "native", "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens, "prompt_tok_s": round(pp, 1),
         "decode_tokens": args.decode_tokens, "decode_tok_s": round(tg, 1),
         "weight_MB_per_token": round(bpt / 1e6, 1), "decode_weight_GB_s": round(bpt * tg / 1e9, 1),
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"model {path}, {args.threads} threads")
+        print(f"model {path}, {'f32' if args.f32 else 'native'} weights, {args.threads} threads")
         print(f"prompt ({args.prompt_tokens} tokens): {pp:8.1f} tok/s")
         print(f"decode ({args.decode_tokens} tokens): {tg:8.1f} tok/s  "
               f"= {bpt / 1e6:.0f} MB of weights/token x tok/s = {bpt * tg / 1e9:.1f} GB/s")

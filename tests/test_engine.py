@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xllm import planner
 from xllm.chat import ChatSession, detect_format
 from xllm.engine import LLM
 from xllm.sampling import SamplingParams
@@ -77,3 +78,17 @@ def test_chat_turns_compute_only_their_new_tokens(llm):
         assert t["computed_tokens"] == t["prompt_tokens"] - cached
         assert t["computed_tokens"] < 40
         cached = len(chat.session.ids)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8"])
+def test_engine_kv_pool_is_the_planners_figure(smollm2_path, kv_dtype):
+    budget = 300 << 20
+    engine = LLM(str(smollm2_path), kv_dtype=kv_dtype, kv_cache_bytes=budget)
+    config = engine.model.config
+    blocks = planner.kv_pool_blocks(config, kv_dtype, 128, budget)
+    assert engine.cache.num_blocks == blocks
+    assert engine.kv_pool_bytes == planner.kv_pool_bytes(config, kv_dtype, 128, blocks) <= budget
+    arrays = engine.cache.k + engine.cache.v + (engine.cache.k_scale or []) + (engine.cache.v_scale or [])
+    assert sum(a.nbytes for a in arrays) == engine.kv_pool_bytes
+    out = engine.generate(["Hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4

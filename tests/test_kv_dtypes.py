@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from tests.test_ops_cpu import assert_close, f32_arrays, paged_batches, serial_or_parallel
 from xllm import planner
 from xllm.config import ModelConfig
-from xllm.kv_cache import KVCache, kv_bytes_per_token, num_blocks_for_budget
+from xllm.kv_cache import KVCache
+from xllm.planner import kv_bytes_per_token
 from xllm.ops import get_ops
 from xllm.ops.cpu.kv_storage import f16_bits_to_f32, f32_to_f16_bits
 from xllm.ops.reference import quantize_kv_int8
@@ -324,7 +325,7 @@ def test_budget_counts_the_storage_dtype(kv_dtype):
     per_block = 16 * kv_bytes_per_token(CONFIG, kv_dtype)
     assert per_block == {"fp32": 16 * 2 * 3 * 2 * 8 * 4, "fp16": 16 * 2 * 3 * 2 * 8 * 2,
                          "int8": 16 * 2 * 3 * 2 * (8 + 4)}[kv_dtype]
-    assert num_blocks_for_budget(CONFIG, 10 * per_block + 1, 16, kv_dtype) == 10
+    assert planner.kv_pool_blocks(CONFIG, kv_dtype, 16, 10 * per_block + 1) == 10
     cache = KVCache.for_budget(CONFIG, 10 * per_block + per_block - 1, 16, kv_dtype=kv_dtype)
     assert cache.num_blocks == 10 and cache.kv_dtype == kv_dtype and cache.pool_bytes == 10 * per_block
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import event, given, settings, strategies as st
 
 from xllm.config import ModelConfig
-from xllm.kv_cache import BlockManager, KVCache, OutOfBlocks, num_blocks_for_budget
+from xllm.kv_cache import BlockManager, KVCache, OutOfBlocks
 from xllm.scheduler import Scheduler, Sequence, Status, StepPlan
 
 VOCAB = 997
@@ -424,9 +424,9 @@ def test_kv_cache_keeps_its_api_on_top_of_the_block_manager():
 
 def test_pool_size_from_a_memory_budget():
     config = ModelConfig(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152)
-    per_block = 2 * 30 * 128 * 3 * 64 * 4            # 1.5 MiB
-    assert num_blocks_for_budget(config, 100 * per_block + 5) == 100
-    assert num_blocks_for_budget(config, 10) == 1
+    per_block = 2 * 30 * 128 * 3 * 64 * 4            # 5.6 MiB
+    assert KVCache.for_budget(config, 100 * per_block + 5).num_blocks == 100
+    assert KVCache.for_budget(config, 10).num_blocks == 1     # at least one block
     assert KVCache.for_budget(config, 3 * per_block // 4, block_size=32).num_blocks == 3
 
 

@@ -148,11 +148,11 @@ class ChatSession:
     turn computes only its own new tokens; `last_turn` says how many.
     """
 
-    def __init__(self, model, tok, fmt: ChatFormat, system: str | None = None):
+    def __init__(self, model, tok, fmt: ChatFormat, system: str | None = None, kv_dtype: str = "fp32"):
         from .generate import Session
 
         self.tok = tok
-        self.session = Session(model)
+        self.session = Session(model, kv_dtype=kv_dtype)
         self.convo = Conversation(tok, fmt, system)
         self.last_turn = {"prompt_tokens": 0, "computed_tokens": 0, "answer_tokens": 0,
                           "first_token_s": 0.0, "decode_s": 0.0}

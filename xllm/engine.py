@@ -22,6 +22,8 @@ from typing import Iterator, Sequence as Seq
 
 import numpy as np
 
+from . import planner
+from .errors import XllmError
 from .kv_cache import KVCache
 from .model import Batch
 from .sampling import SamplingParams, sample
@@ -109,7 +111,14 @@ class LLM:
         path = model or default_model_path()
         self.model, self.tokenizer, self.metadata = load_model(path, tokenizer, device)
         config = self.model.config
-        self.cache = KVCache.for_budget(config, kv_cache_bytes, block_size)
+        # The pool gets as many blocks as the planner says the budget pays for,
+        # so `bench.plan` and the engine cannot disagree about KV memory.
+        num_blocks = planner.kv_pool_blocks(config, kv_dtype, block_size, kv_cache_bytes)
+        if num_blocks < 1:
+            raise XllmError(f"a KV budget of {kv_cache_bytes} bytes holds no block of {block_size} tokens "
+                            f"({planner.kv_pool_bytes(config, kv_dtype, block_size, 1)} bytes each)")
+        self.cache = KVCache(config, num_blocks, block_size, kv_dtype=kv_dtype)
+        self.kv_pool_bytes = self.cache.pool_bytes
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stats = EngineStats()

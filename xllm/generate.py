@@ -20,10 +20,10 @@ from .sampling import SamplingParams, sample
 class Session:
     SEQ = 0   # a session is one sequence of the cache
 
-    def __init__(self, model: Llama, block_size: int = 128, prefill_chunk: int = 256):
+    def __init__(self, model: Llama, block_size: int = 128, prefill_chunk: int = 256, kv_dtype: str = "fp32"):
         self.model = model
         ctx = model.config.context_length
-        self.cache = KVCache(model.config, num_blocks=-(-ctx // block_size), block_size=block_size)
+        self.cache = KVCache(model.config, -(-ctx // block_size), block_size, kv_dtype)
         self.prefill_chunk = prefill_chunk
         self.ids: list[int] = []          # tokens whose keys/values are in the cache
         self.tokens_computed = 0          # rows run through the model, all calls together

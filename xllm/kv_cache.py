@@ -141,32 +141,6 @@ def _check_kv_dtype(kv_dtype: str) -> None:
         raise ValueError(f"unknown kv_dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_dtype: str = "fp32") -> int:
-    """Bytes one token's keys and values take over all layers.
-
-    2 (key and value) * n_layers * n_kv_heads * (head_dim * bytes of the dtype,
-    + 4 for int8's scale): 46,080 bytes in fp32, 23,040 in fp16 and 12,240 in
-    int8 for SmolLM2-135M (30 layers, 3 kv heads of 64).
-    """
-    _check_kv_dtype(kv_dtype)
-    per_head = config.head_dim * np.dtype(KV_DTYPES[kv_dtype]).itemsize
-    if kv_dtype == "int8":
-        per_head += np.dtype(SCALE_DTYPE).itemsize
-    return 2 * config.n_layers * config.n_kv_heads * per_head
-
-
-def num_blocks_for_budget(config: ModelConfig, budget_bytes: int, block_size: int = 128,
-                          kv_dtype: str = "fp32") -> int:
-    """How many blocks of `block_size` tokens fit in `budget_bytes` of keys and
-    values stored as `kv_dtype`, every layer counted (at least 1).
-
-    One block costs block_size * kv_bytes_per_token; at 128 tokens for
-    SmolLM2-135M in fp32 5.6 MiB, in fp16 2.8 MiB, in int8 1.5 MiB.
-    """
-    per_block = block_size * kv_bytes_per_token(config, kv_dtype)
-    return max(1, budget_bytes // per_block)
-
-
 class KVLayer(NamedTuple):
     """One layer's cache arrays, as `store_kv` and `attention` take them.
 
@@ -207,8 +181,12 @@ class KVCache:
     @classmethod
     def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 128,
                    kv_dtype: str = "fp32") -> "KVCache":
-        """A cache with as many blocks as `budget_bytes` pays for."""
-        return cls(config, num_blocks_for_budget(config, budget_bytes, block_size, kv_dtype), block_size, kv_dtype)
+        """A cache with as many blocks as `budget_bytes` pays for (at least one),
+        counted by the planner, so its tables and the engine agree."""
+        from .planner import kv_pool_blocks
+
+        _check_kv_dtype(kv_dtype)
+        return cls(config, max(1, kv_pool_blocks(config, kv_dtype, block_size, budget_bytes)), block_size, kv_dtype)
 
     def layer(self, i: int) -> KVLayer:
         """Layer i's arrays for the operators:

@@ -22,8 +22,9 @@ import numpy as np
 from .config import ModelConfig
 from .errors import ModelFormatError
 from .model import Llama, prepare_weights
+from .ops.quant import QuantWeight, is_quant
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def cache_root() -> Path:
@@ -40,15 +41,33 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _save(entry: Path, config: ModelConfig, metadata: dict, kind: str, weights: dict[str, np.ndarray]) -> None:
+ALIGN = 64   # byte alignment of every array in weights.bin
+
+
+def _save(entry: Path, config: ModelConfig, metadata: dict, kind: str, weights: dict) -> None:
+    """Write `weights` (arrays, or QuantWeights as their component arrays) to
+    one flat file, with an index of dtype, shape and byte offset per array."""
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     index, offset = {}, 0
     with open(tmp / "weights.bin", "wb") as f:
-        for name, a in weights.items():
-            index[name] = {"shape": list(a.shape), "offset": offset}
-            f.write(a.tobytes())
-            offset += a.size
+
+        def put(a: np.ndarray) -> dict:
+            nonlocal offset
+            pad = -offset % ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            spec = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+            f.write(np.ascontiguousarray(a).tobytes())
+            offset += a.nbytes
+            return spec
+
+        for name, w in weights.items():
+            if is_quant(w):
+                index[name] = {"quant": w.format, "shape": list(w.shape),
+                               "arrays": {k: put(a) for k, a in w.to_arrays().items()}}
+            else:
+                index[name] = put(w)
     info = {"config": dataclasses.asdict(config), "kind": kind, "index": index}
     (tmp / "model.json").write_text(json.dumps(info))
     (tmp / "metadata.json").write_text(json.dumps(metadata, default=_jsonable))
@@ -68,26 +87,41 @@ def _load(entry: Path):
     cfg = info["config"]
     cfg["eos_ids"] = tuple(cfg["eos_ids"])
     config = ModelConfig(**cfg)
-    flat = np.fromfile(entry / "weights.bin", dtype=np.float32)
+    flat = np.fromfile(entry / "weights.bin", dtype=np.uint8)
+
+    def get(spec: dict) -> np.ndarray:
+        dtype = np.dtype(spec["dtype"])
+        n = int(np.prod(spec["shape"])) * dtype.itemsize
+        return flat[spec["offset"] : spec["offset"] + n].view(dtype).reshape(spec["shape"])
+
     weights = {}
     for name, spec in info["index"].items():
-        size = int(np.prod(spec["shape"]))
-        weights[name] = flat[spec["offset"] : spec["offset"] + size].reshape(spec["shape"])
+        if "quant" in spec:
+            arrays = {k: get(a) for k, a in spec["arrays"].items()}
+            weights[name] = QuantWeight.from_arrays(spec["quant"], tuple(spec["shape"]), arrays)
+        else:
+            weights[name] = get(spec)
     metadata = json.loads((entry / "metadata.json").read_text())
     return config, weights, metadata, info["kind"]
 
 
-def load_prepared(path, use_cache: bool = True):
-    """(config, prepared weights, metadata, kind) for the checkpoint at `path`."""
+def load_prepared(path, use_cache: bool = True, keep_quant: bool = True):
+    """(config, prepared weights, metadata, kind) for the checkpoint at `path`.
+
+    keep_quant: matrices stored in a block-quantized format the kernels read
+    directly (GGUF Q8_0, Q4_0, Q4_1) stay in it: the same values as their
+    float32 dequantization, in a quarter to an eighth of the bytes. With
+    keep_quant=False every weight is float32.
+    """
     from .loader import load_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(path, "no such file or directory")
-    entry = cache_root() / "prepared" / _fingerprint(path)
+    entry = cache_root() / "prepared" / (_fingerprint(path) + ("-q" if keep_quant else "-f32"))
     if use_cache and (entry / "model.json").exists():
         return _load(entry)
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, keep_quant=keep_quant)
     weights = prepare_weights(ck.config, ck.weights)
     if use_cache:
         try:
@@ -111,8 +145,8 @@ def load_tokenizer_for(path, kind: str, metadata: dict, tokenizer_path=None):
     raise ModelFormatError(path, "a llama2.c checkpoint has no tokenizer inside: give one with --tokenizer")
 
 
-def load_model(path, tokenizer_path=None, device: str = "cpu", use_cache: bool = True):
+def load_model(path, tokenizer_path=None, device: str = "cpu", use_cache: bool = True, keep_quant: bool = True):
     """(Llama, tokenizer, metadata) for the checkpoint at `path`."""
-    config, weights, metadata, kind = load_prepared(path, use_cache)
+    config, weights, metadata, kind = load_prepared(path, use_cache, keep_quant)
     tokenizer = load_tokenizer_for(path, kind, metadata, tokenizer_path)
     return Llama(config, weights, device), tokenizer, metadata

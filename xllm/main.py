@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--system", default=None, help="system prompt (default: the model's own, if any)")
     p.add_argument("--chat-format", choices=["auto", "chatml", "llama2", "raw"], default="auto",
                    help="how turns become tokens (default: from the model's files); raw = plain completion")
+    p.add_argument("--f32", action="store_true",
+                   help="dequantize every weight to float32 at load (the default keeps GGUF Q8_0/Q4_0/Q4_1 blocks, same values)")
+    p.add_argument("--kv-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="how the KV cache stores keys and values (int8: one scale per token per head)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prepared-weights cache")
     p.add_argument("--stats", action="store_true", help="print token counts and speed after each answer")
     return p.parse_args(argv)
@@ -66,11 +70,11 @@ def run(args) -> int:
         raise XllmError(str(e)) from None
 
     path = args.model or default_model_path(log=lambda m: print(m, file=sys.stderr))
-    model, tok, metadata = load_model(path, args.tokenizer, use_cache=not args.no_cache)
+    model, tok, metadata = load_model(path, args.tokenizer, use_cache=not args.no_cache, keep_quant=not args.f32)
     fmt, default_system = detect_format(tok, metadata)
     if args.chat_format != "auto":
         fmt = FORMATS[args.chat_format]()
-    chat = ChatSession(model, tok, fmt, args.system if args.system is not None else default_system)
+    chat = ChatSession(model, tok, fmt, args.system if args.system is not None else default_system, args.kv_dtype)
 
     def answer(text: str) -> None:
         try:

@@ -29,6 +29,7 @@ import numpy as np
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .ops import get_ops
+from .ops.quant import concat as quant_concat, is_quant
 
 
 @dataclass
@@ -74,11 +75,19 @@ def prepare_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict
         p = f"layers.{i}."
         out[p + "attn_norm"] = weights[p + "attn_norm"]
         out[p + "ffn_norm"] = weights[p + "ffn_norm"]
-        out[p + "wqkv"] = np.concatenate([weights[p + "wq"], weights[p + "wk"], weights[p + "wv"]])
+        out[p + "wqkv"] = _stack([weights[p + "wq"], weights[p + "wk"], weights[p + "wv"]])
         out[p + "wo"] = weights[p + "wo"]
-        out[p + "w_gate_up"] = np.concatenate([weights[p + "w_gate"], weights[p + "w_up"]])
+        out[p + "w_gate_up"] = _stack([weights[p + "w_gate"], weights[p + "w_up"]])
         out[p + "w_down"] = weights[p + "w_down"]
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    return {k: v if is_quant(v) else np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _stack(parts):
+    """Rows of `parts` one after another: quantized blocks stay quantized when
+    every part has the same format, anything else becomes float32."""
+    if all(is_quant(p) for p in parts) and len({p.format for p in parts}) == 1:
+        return quant_concat(parts)
+    return np.concatenate([p.dequantize() if is_quant(p) else p for p in parts])
 
 
 class Llama:
@@ -107,9 +116,10 @@ class Llama:
             v = np.ascontiguousarray(qkv[:, (H + KV) * hd :]).reshape(T, KV, hd)
             q = ops.rope(q, batch.positions, self.cos, self.sin)
             k = ops.rope(k, batch.positions, self.cos, self.sin)
-            ops.store_kv(k, v, cache.k[i], cache.v[i], batch.slot_mapping)
-            a = ops.attention(q, cache.k[i], cache.v[i], batch.block_table, cache.block_size,
-                              batch.cu_q, batch.positions, self.scale)
+            kv = cache.layer(i)   # fp32, fp16, or int8 with per-token scales
+            ops.store_kv(k, v, kv.k, kv.v, batch.slot_mapping, kv.k_scale, kv.v_scale)
+            a = ops.attention(q, kv.k, kv.v, batch.block_table, cache.block_size,
+                              batch.cu_q, batch.positions, self.scale, kv.k_scale, kv.v_scale)
             x = ops.add(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]))
             h = ops.rmsnorm(x, w[p + "ffn_norm"], c.rms_eps)
             x = ops.add(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]))
