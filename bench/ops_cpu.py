@@ -1,6 +1,6 @@
 """Speed of the CPU operators at SmolLM2-135M shapes, beside numpy in the same run.
 
-    python -m bench.ops_cpu [--threads N] [--quick]
+    python -m bench.ops_cpu [--threads N] [--quick] [--only quant ...]
 
 Each row times one operator call (the fastest of many calls, so a busy machine
 shows as noise, not as a slower kernel) and gives its rate: GB/s for
@@ -12,6 +12,13 @@ machine can read memory at all, the ceiling for decode's GEMV.
 "cold" GEMV rows cycle through enough copies of the weight to overflow the
 last-level cache, as in a real decode step where each weight is read once per
 token; "hot" rows reuse one weight that stays in cache.
+
+"q4_1"/"q8_0" rows time the same operators with a quantized weight
+(`QuantWeight`, the format the default GGUF stores), beside the float32
+kernel on the same (dequantized) matrix in the second column. Their rate is
+float32-equivalent (4 bytes per weight, or the same flops), so the two
+columns compare directly; the note gives the GB/s of the quantized bytes
+actually read and the time ratio float32 / quantized.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numba
 import numpy as np
 
 from xllm.ops import get_ops
+from xllm.ops.quant import QuantWeight
 
 cpu = get_ops("cpu")
 ref = get_ops("reference")
@@ -31,7 +39,11 @@ ref = get_ops("reference")
 DIM, HIDDEN, VOCAB = 576, 1536, 49152
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 GEMV_SHAPES = [(1536, 576), (3072, 576), (576, 1536), (960, 576), (49152, 576)]
+# The default model's formats: every layer matrix Q4_1, the (tied) embedding/output Q8_0.
+QUANT_SHAPES = [("q4_1", 1536, 576), ("q4_1", 3072, 576), ("q4_1", 576, 1536), ("q4_1", 960, 576),
+                ("q8_0", 49152, 576)]
 COLD_POOL_BYTES = 128 << 20          # 4x this machine's 32 MiB L3
+SECTIONS = ("stream", "gemv", "gemm", "quant", "attention", "pointwise")
 
 
 def best_time(fn, budget_s: float = 0.3, max_calls: int = 2000) -> float:
@@ -55,13 +67,13 @@ class Table:
     def __init__(self):
         print(f"{'op':<22} {'shape':<28} {'xllm':>10} {'rate':>12}   {'numpy':>10} {'rate':>12}")
 
-    def row(self, op, shape, ours, amount, unit, theirs=None):
+    def row(self, op, shape, ours, amount, unit, theirs=None, note=""):
         """`amount` is bytes (unit GB/s) or flops (unit GFLOP/s) per call."""
         def cell(t):
             if t is None:
                 return f"{'-':>10} {'':>12}"
             return f"{t * 1e6:8.1f}us {amount / t / 1e9:7.1f} {unit:<4}"
-        print(f"{op:<22} {shape:<28} {cell(ours)}   {cell(theirs)}", flush=True)
+        print(f"{op:<22} {shape:<28} {cell(ours)}   {cell(theirs)}{note}", flush=True)
 
 
 def bench_stream_read(table):
@@ -105,6 +117,55 @@ def bench_gemm(table, rng, token_counts):
             w = rng.standard_normal((N, K), dtype=np.float32)
             table.row(f"linear T={T}", f"{N}x{K}", best_time(lambda: cpu.linear(x, w)), 2 * T * N * K,
                       "GF/s", best_time(lambda: x @ w.T))
+
+
+def random_quant(rng, fmt, N, K):
+    """A QuantWeight with random blocks (any integers, float16-valued scales)."""
+    nb = K // 32
+    d = rng.uniform(0.001, 0.01, (N, nb)).astype(np.float16).astype(np.float32)
+    if fmt == "q8_0":
+        return QuantWeight(fmt, rng.integers(-127, 128, (N, K), dtype=np.int8), d)
+    m = -8 * d if fmt == "q4_1" else None
+    return QuantWeight(fmt, rng.integers(0, 256, (N, K // 2), dtype=np.uint8), d, m)
+
+
+def bench_quant(table, rng, token_counts):
+    """Quantized weights: GEMV cold (decode), GEMM at several token counts, embedding."""
+    print("-- quantized weights; second column: the float32 kernel on the same matrix; "
+          "rates float32-equivalent")
+    for fmt, N, K in QUANT_SHAPES:
+        w = random_quant(rng, fmt, N, K)
+        wf = w.dequantize()
+        xk = rng.standard_normal((1, K), dtype=np.float32)
+        pool = [w] + [QuantWeight(w.format, w.qs.copy(), w.d.copy(), None if w.m is None else w.m.copy())
+                      for _ in range(max(1, COLD_POOL_BYTES // w.nbytes))]
+        fpool = [wf] + [wf.copy() for _ in range(max(1, COLD_POOL_BYTES // wf.nbytes))]
+        turn = [0]
+
+        def cycle(weights):
+            def call():
+                turn[0] += 1
+                return cpu.linear(xk, weights[turn[0] % len(weights)])
+            return call
+
+        tq, tf = best_time(cycle(pool)), best_time(cycle(fpool))
+        table.row(f"{fmt} linear T=1 cold", f"{N}x{K}", tq, wf.nbytes, "GB/s", tf,
+                  f"   quantized bytes {w.nbytes / tq / 1e9:5.1f} GB/s, {tf / tq:4.2f}x faster")
+        del pool, fpool
+    for T in token_counts:
+        for fmt, N, K in QUANT_SHAPES[:4]:
+            w = random_quant(rng, fmt, N, K)
+            wf = w.dequantize()
+            x = rng.standard_normal((T, K), dtype=np.float32)
+            tq, tf = best_time(lambda: cpu.linear(x, w)), best_time(lambda: cpu.linear(x, wf))
+            table.row(f"{fmt} linear T={T}", f"{N}x{K}", tq, 2 * T * N * K, "GF/s", tf,
+                      f"   time {tq / tf:4.2f}x the float32 GEMM")
+    emb = random_quant(rng, "q8_0", VOCAB, DIM)
+    embf = emb.dequantize()
+    for T in (1, 512):
+        ids = rng.integers(0, VOCAB, T).astype(np.int32)
+        table.row(f"q8_0 embedding T={T}", f"{VOCAB}x{DIM}", best_time(lambda: cpu.embedding(emb, ids)),
+                  T * DIM * 4 * 2, "GB/s", best_time(lambda: cpu.embedding(embf, ids)))
 
 
 def paged(rng, lengths, n_rows, block_size=128):
@@ -175,18 +236,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     print(f"threads {numba.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, "
           f"numpy {np.__version__}, numba {numba.__version__}")
     table = Table()
-    bench_stream_read(table)
-    bench_gemv(table, rng)
-    bench_gemm(table, rng, [16, 128] if args.quick else [16, 128, 512])
-    bench_attention(table, rng, args.quick)
-    for T in (1, 512):
-        bench_pointwise(table, rng, T)
+    if "stream" in args.only:
+        bench_stream_read(table)
+    if "gemv" in args.only:
+        bench_gemv(table, rng)
+    if "gemm" in args.only:
+        bench_gemm(table, rng, [16, 128] if args.quick else [16, 128, 512])
+    if "quant" in args.only:
+        bench_quant(table, rng, [4, 128] if args.quick else [2, 4, 16, 128, 512])
+    if "attention" in args.only:
+        bench_attention(table, rng, args.quick)
+    if "pointwise" in args.only:
+        for T in (1, 512):
+            bench_pointwise(table, rng, T)
     print(f"threading layer {numba.threading_layer()}, load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -40,14 +40,14 @@ All arithmetic here is float32, on exactly those values.
   micro-benchmark (1, 2, 4, 8 tried). The four rows are a quarter of the
   matrix apart (`_group`), and threads split the groups.
 
-  Even so the kernel is limited by arithmetic, not memory: about 10 G
-  weights/s per core here, while one pass over the integers alone runs at
-  twice that; the rest goes to the per-block work (reducing each block's
-  SIMD sum to a float, applying d and m). At 0.75 bytes per q4_1 weight,
-  that still reads the weights 2 to 3 times faster than the float32 GEMV,
-  which streams 4 bytes per weight at memory speed.
+  Even so the kernel is limited by arithmetic, not memory: about 9.5 G
+  weights/s per core (Zen 3, AVX2), while one pass over the integers alone
+  runs at twice that; the rest goes to the per-block work (reducing each
+  block's SIMD sum to a float, applying d and m). That is still 1.5 to 2
+  times faster than the float32 GEMV for q4_1 and 2.3 to 3 times for q8_0
+  (bench/ops_cpu.py), which streams 4 bytes per weight at memory speed.
 
-* Many tokens (prefill): `_gemm_q`. Each weight is now used by every token,
+* Many tokens (prefill): `_gemm_q8`, `_gemm_q4`. Each weight is now used by every token,
   so arithmetic is the limit and unpacking integers T times would be waste.
   A worker dequantizes a block of weight rows into a float32 scratch matrix
   once (it fits in L2), then runs the float32 register-tiled GEMM of
