@@ -77,7 +77,7 @@ from .pointwise import _first_out_of_range
 
 f32 = np.float32
 
-SCRATCH_BYTES = 384 << 10     # per worker of _gemm_q: the dequantized rows should stay in L2 (512 KiB)
+SCRATCH_BYTES = 384 << 10     # per worker of _gemm_q8/_gemm_q4: the dequantized rows should stay in L2 (512 KiB)
 
 
 # ---------------------------------------------------------------- GEMV: one token
