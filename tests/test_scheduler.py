@@ -324,7 +324,7 @@ def test_a_sequence_in_the_middle_preempts_the_newest_not_an_older_one():
 def test_the_newest_sequence_waits_when_no_one_newer_can_give_a_block():
     sched = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=16)
     model = FakeModel(sched.blocks)
-    a = sched.add(Sequence(0, [1] * 6, max_tokens=3))   # positions 0..5: 2 blocks
+    sched.add(Sequence(0, [1] * 6, max_tokens=3))   # positions 0..5: 2 blocks
     b = sched.add(Sequence(1, [2] * 3, max_tokens=4))   # positions 0..2: 1 block
     run_step(sched, model)
     plan = run_step(sched, model)
