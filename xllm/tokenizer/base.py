@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
+WORD_CACHE_LIMIT = 200_000   # distinct words `_encode_cached` keeps before it restarts
+
 #: Texts of end-of-turn tokens: generation stops on them too when present.
 END_OF_TURN_TEXTS = (
     "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
@@ -177,6 +179,22 @@ class Tokenizer:
         """Ids of text that holds no special token. `at_start`: the text opens
         the input (rather than following a special token)."""
         raise NotImplementedError
+
+    def _encode_cached(self, words, encode_word) -> list[int]:
+        """The ids of each word in turn, each distinct word encoded once with
+        `encode_word` and remembered (text repeats words: this is most of the
+        speed). The cache restarts past WORD_CACHE_LIMIT distinct words."""
+        cache = self._cache
+        ids: list[int] = []
+        for word in words:
+            got = cache.get(word)
+            if got is None:
+                got = encode_word(word)
+                if len(cache) >= WORD_CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = got
+            ids.extend(got)
+        return ids
 
     # ---------------------------------------------------------------- decode
     def _decode_state(self) -> list:

@@ -63,8 +63,6 @@ CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
 # str.translate table: after bytes.decode("latin-1") each byte b is chr(b).
 _LATIN1_TO_VOCAB = {b: c for b, c in enumerate(BYTE_TO_CHAR)}
 
-_CACHE_LIMIT = 200_000  # distinct pieces kept; the cache restarts beyond
-
 
 def piece_to_bytes(piece: str) -> bytes:
     """The bytes a byte-level vocabulary piece stands for ("Ġworld" -> b" world").
@@ -119,17 +117,7 @@ class ByteLevelBPE(Tokenizer):
     def _encode_ordinary(self, text: str, at_start: bool) -> list[int]:
         if self.normalizer:
             text = self.normalizer(text)
-        cache = self._cache
-        ids: list[int] = []
-        for piece in self.pretokenizer.split(text):
-            got = cache.get(piece)
-            if got is None:
-                got = self._encode_piece(piece)
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[piece] = got
-            ids.extend(got)
-        return ids
+        return self._encode_cached(self.pretokenizer.split(text), self._encode_piece)
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
         """Ids of one pre-tokenizer piece: bytes -> vocabulary characters -> BPE."""

@@ -48,7 +48,6 @@ from .spm_normalizer import SPACE_SYMBOL, SentencePieceNormalizer
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # A word: a run of "▁" and what follows up to the next "▁", or a first word without "▁".
 _WORD = re.compile(f"{SPACE_SYMBOL}+[^{SPACE_SYMBOL}]*|[^{SPACE_SYMBOL}]+")
-_CACHE_LIMIT = 200_000
 
 
 class SentencePieceBPE(Tokenizer):
@@ -157,16 +156,7 @@ class SentencePieceBPE(Tokenizer):
         norm = self.normalizer.normalize(text, add_prefix=at_start or self.prefix_scheme == "always")
         if not norm:
             return []
-        cache = self._cache
-        ids: list[int] = []
-        for word in (_WORD.findall(norm) if self._split_words else (norm,)):
-            got = cache.get(word)
-            if got is None:
-                got = self._encode_word(word)
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = got
-            ids.extend(got)
+        ids = self._encode_cached(_WORD.findall(norm) if self._split_words else (norm,), self._encode_word)
         if not self.byte_fallback and self.unk_id is not None:
             ids = _fuse_runs(ids, self.unk_id)
         return ids
