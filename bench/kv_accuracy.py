@@ -14,11 +14,6 @@ compared with the fp32 cache's:
 
 Then, from the same prompt, 64 tokens are generated greedily with each cache;
 "greedy" is how many of them agree with fp32's before the first difference.
-
-The caches are passed to `Llama.forward` through a thin wrapper of the
-operators that adds a layer's int8 scales to store_kv/attention calls when the
-caller did not pass them (`ScalesFromCache`), so this works whether or not
-the forward pass passes `cache.layer(i)` itself.
 """
 
 from __future__ import annotations
@@ -30,62 +25,19 @@ from pathlib import Path
 import numpy as np
 
 from bench.perplexity import window_nll
-from xllm.kv_cache import KVCache
-from xllm.model import Batch
+from xllm.generate import Session
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shareGPT_sample.txt"
 CHUNK = 256
 
 
-class ScalesFromCache:
-    """The operators of `ops`, with store_kv and attention finding an int8
-    cache's scales from the key array they are given (layer i's k is
-    cache.k[i], its scales cache.k_scale[i])."""
-
-    def __init__(self, ops, cache: KVCache):
-        self._ops, self._cache = ops, cache
-        self._layer = {id(k): i for i, k in enumerate(cache.k)}
-
-    def __getattr__(self, name):
-        return getattr(self._ops, name)
-
-    def _scales(self, k_cache):
-        if self._cache.k_scale is None:
-            return None, None
-        i = self._layer[id(k_cache)]
-        return self._cache.k_scale[i], self._cache.v_scale[i]
-
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
-        if k_scale is None:
-            k_scale, v_scale = self._scales(k_cache)
-        return self._ops.store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-    def attention(self, q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale,
-                  k_scale=None, v_scale=None):
-        if k_scale is None:
-            k_scale, v_scale = self._scales(k_cache)
-        return self._ops.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale,
-                                   k_scale, v_scale)
-
-
 def run(model, kv_dtype: str, prompt: list[int], greedy: int) -> tuple[np.ndarray, list[int]]:
     """(logits of every prompt position [n, vocab], `greedy` greedily generated ids)."""
-    cache = KVCache(model.config, num_blocks=-(-(len(prompt) + greedy) // 128), block_size=128, kv_dtype=kv_dtype)
-    plain_ops = model.ops
-    model.ops = ScalesFromCache(plain_ops, cache)
-    try:
-        logits = []
-        for start in range(0, len(prompt), CHUNK):
-            chunk = prompt[start: start + CHUNK]
-            batch = Batch.build(cache, [(0, chunk)])
-            logits.append(model.forward(batch, cache, np.arange(len(chunk), dtype=np.int32)))
-        logits = np.concatenate(logits)
-        out = [int(np.argmax(logits[-1]))]
-        for _ in range(greedy - 1):
-            batch = Batch.build(cache, [(0, [out[-1]])])
-            out.append(int(np.argmax(model.forward(batch, cache, np.zeros(1, np.int32))[0])))
-    finally:
-        model.ops = plain_ops
+    session = Session(model, prefill_chunk=CHUNK, kv_dtype=kv_dtype)
+    logits = session.logits_for(prompt)
+    out = [int(np.argmax(logits[-1]))]
+    for _ in range(greedy - 1):
+        out.append(int(np.argmax(session._feed([out[-1]]))))
     return logits, out
 
 
