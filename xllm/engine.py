@@ -199,5 +199,4 @@ class LLM:
         finally:
             for rid in list(sched.seqs):   # a caller that stopped early: give the blocks back
                 sched.abort(rid)
-        self.peak_blocks_used = sched.stats.peak_blocks_used
-        self.last_scheduler_stats = sched.stats
+            self.last_scheduler_stats = sched.stats   # peak blocks, preemptions, steps of this call
