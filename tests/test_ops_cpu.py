@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import math
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -24,6 +25,8 @@ from hypothesis.extra import numpy as hnp
 
 from xllm.ops import DEVICES, OPS, DeviceNotAvailable, get_ops
 from xllm.ops.cpu import pointwise
+from xllm.ops.cpu.common import FAST
+from xllm.ops.cpu.expf import exp_nonpositive
 
 cpu = get_ops("cpu")
 ref = get_ops("reference")
@@ -374,6 +377,36 @@ def test_attention_rejects_bad_batch_descriptions():
     with pytest.raises(ValueError, match="multiple"):
         cpu.attention(np.zeros((2, 3, 2), np.float32), np.zeros((4, 2, 2), np.float32),
                       np.zeros((4, 2, 2), np.float32), table, 2, cu_q, ok_pos, 1.0)
+
+
+# ---------------------------------------------------------------- exp for softmax and SiLU
+
+@numba.njit(fastmath=FAST)
+def _exp_loop(x, out):
+    """exp_nonpositive over an array, compiled as the kernels use it (fast-math, SIMD)."""
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
+
+
+def test_exp_nonpositive_is_within_its_stated_error():
+    x = np.concatenate([np.linspace(-87.0, 0.0, 400_001, dtype=np.float32),
+                        -np.abs(np.random.default_rng(0).standard_normal(100_000).astype(np.float32)),
+                        np.array([0.0, -0.0, -1e-30, -1e-45], np.float32)])
+    out = np.empty_like(x)
+    _exp_loop(x, out)
+    exact = np.exp(x.astype(np.float64))
+    rel = np.abs(out - exact) / exact
+    assert rel.max() < 3.2e-7                        # the bound expf.py states near -87
+    assert rel[x > -10].max() < 1.3e-7               # and about 1 ulp for x > -10
+    assert (out[x == 0] == 1.0).all()
+
+
+def test_exp_nonpositive_underflows_to_zero_and_keeps_nan():
+    x = np.array([-87.01, -100.0, -1e30, -np.inf, np.nan], np.float32)
+    out = np.empty_like(x)
+    _exp_loop(x, out)
+    assert out[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert np.isnan(out[4])
 
 
 # ---------------------------------------------------------------- silu_mul and add

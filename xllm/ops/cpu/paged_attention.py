@@ -5,12 +5,18 @@ rows cu_q[b] .. cu_q[b+1]-1. Keys and values live in a shared pool of cache
 slots cut into blocks of `block_size`; sequence b's key at position p is in
 slot block_table[b, p // block_size] * block_size + p % block_size.
 
-Work is split into independent (query head, query row) pairs, one `prange`
-iteration each (`_attention`). For one pair, `_attend` makes three passes over
-the keys the row may see (positions 0 .. positions[t]):
-  1. score[p] = dot(scale * q, k[p]), and the maximum score;
-  2. score[p] = exp(score[p] - max), and their sum (in float64);
-  3. out = sum_p score[p] * v[p] / sum.
+Work is split by query row: `_attention` deals the rows out to the threads,
+and `_attend` computes one row, all heads at once, in three passes over the
+keys the row may see (positions 0 .. positions[t]):
+  1. score[h, p] = dot(scale * q[h], k[p]) for every head h;
+  2. score[h, p] = exp(score[h, p] - max_p) / sum_p, per head;
+  3. out[h] = sum_p score[h, p] * v[p].
+All heads together, because decode attention is limited by reading the
+cache: each key and value is read from memory once and then used by every
+query head while it sits in L1 (with grouped-query attention a kv head serves
+several query heads), and the kv heads of one slot lie side by side, so a
+block of keys is one contiguous stream for the prefetcher. Serving one head
+at a time read each key once per head, and took twice as long.
 Walking the keys block by block finds each slot with an addition instead of a
 division per key.
 
@@ -25,13 +31,12 @@ the float32 path is the same machine code as without storage formats.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 from numba import prange
 
 from .common import FAST
+from .expf import exp_nonpositive
 from .kv_storage import kernel_arrays, widen
 
 # Problems `_plan` can find, by the code it returns.
@@ -78,72 +83,95 @@ def _plan(T, n_slots, block_table, block_size, cu_q, positions):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t, h, kvh, n, scale, out):
-    """out[t, h] = attention of query row t, head h over the first n keys of sequence b.
+def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t, n, scale, out,
+            q_scaled, scores, acc):
+    """out[t] = attention of query row t (every head) over the first n keys of sequence b.
 
     k_scale and v_scale are the int8 caches' scales [S, Hkv], or None.
+    q_scaled [H, hd], scores [H, >= n] and acc [H, hd] are the worker's scratch.
     """
-    hd = q.shape[2]
-    q_scaled = np.empty(hd, np.float32)
-    for d in range(hd):
-        q_scaled[d] = q[t, h, d] * scale
+    H, hd = q_scaled.shape
+    group = H // k_cache.shape[1]          # query heads per kv head
+    for h in range(H):
+        for d in range(hd):
+            q_scaled[h, d] = q[t, h, d] * scale
     n_blocks = (n + block_size - 1) // block_size
-    scores = np.empty(n, np.float32)
 
-    # Pass 1: scores and their maximum. (`s > m` is False for NaN, so a NaN
-    # score is never the maximum, but it turns the sum of pass 2 into NaN and
-    # so still reaches the output.)
-    m = np.float32(-np.inf)
+    # Pass 1: scores[h, p] = q_h . k_p. Each key is read from memory once and
+    # used by every head while it is in L1; a slot's kv heads lie side by
+    # side, so the keys of a block are one contiguous stream.
     for blk in range(n_blocks):
         first_slot = block_table[b, blk] * block_size
         p0 = blk * block_size
         for j in range(min(block_size, n - p0)):
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += q_scaled[d] * widen(k_cache[first_slot + j, kvh, d])
-            if k_scale is not None:
-                s *= k_scale[first_slot + j, kvh]        # NaN for a key stored from NaN/inf
-            scores[p0 + j] = s
-            if s > m:
-                m = s
+            slot = first_slot + j
+            for h in range(H):
+                kvh = h // group
+                s = np.float32(0.0)
+                for d in range(hd):
+                    s += q_scaled[h, d] * widen(k_cache[slot, kvh, d])
+                if k_scale is not None:
+                    s *= k_scale[slot, kvh]      # NaN for a key stored from NaN/inf
+                scores[h, p0 + j] = s
 
-    # Pass 2: unnormalised probabilities exp(s - max) and their sum.
-    total = 0.0
-    for p in range(n):
-        e = math.exp(scores[p] - m)
-        scores[p] = e
-        total += e
+    # Pass 2: per head, probabilities exp(score - max) / sum. (`s > m` is
+    # False for NaN, so a NaN score is never the maximum, but it turns the
+    # sum into NaN and so still reaches the output.) The loops over p run as
+    # SIMD code: exp_nonpositive is plain arithmetic (see expf.py).
+    for h in range(H):
+        m = np.float32(-np.inf)
+        for p in range(n):
+            if scores[h, p] > m:
+                m = scores[h, p]
+        total = np.float32(0.0)
+        for p in range(n):
+            e = exp_nonpositive(scores[h, p] - m)
+            scores[h, p] = e
+            total += e
+        inv_total = np.float32(1.0) / total
+        for p in range(n):
+            scores[h, p] *= inv_total
 
-    # Pass 3: probability-weighted sum of the values, normalised at the end.
-    acc = np.zeros(hd, np.float32)
+    # Pass 3: the probability-weighted sum of the values.
+    acc[:, :] = 0.0
     for blk in range(n_blocks):
         first_slot = block_table[b, blk] * block_size
         p0 = blk * block_size
         for j in range(min(block_size, n - p0)):
-            weight = scores[p0 + j]
-            if v_scale is not None:
-                weight *= v_scale[first_slot + j, kvh]
-            for d in range(hd):
-                acc[d] += weight * widen(v_cache[first_slot + j, kvh, d])
-    inv_total = np.float32(1.0 / total)
-    for d in range(hd):
-        out[t, h, d] = acc[d] * inv_total
+            slot = first_slot + j
+            for h in range(H):
+                kvh = h // group
+                weight = scores[h, p0 + j]
+                if v_scale is not None:
+                    weight *= v_scale[slot, kvh]
+                for d in range(hd):
+                    acc[h, d] += weight * widen(v_cache[slot, kvh, d])
+    for h in range(H):
+        for d in range(hd):
+            out[t, h, d] = acc[h, d]
 
 
 @numba.njit(parallel=True, cache=True)
-def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, out):
-    """Run `_attend` for every (query row, query head) pair, in parallel."""
-    T, H = q.shape[0], q.shape[1]
-    group = H // k_cache.shape[1]          # query heads per kv head
+def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq, positions, scale,
+               n_workers, out):
+    """Run `_attend` for every query row; worker w takes rows w, w + n_workers, ...
+
+    Dealing rows out in turn (not in halves) gives every worker rows of all
+    lengths, so causal prefill, whose later rows see more keys, splits evenly.
+    Each worker allocates its scratch once.
+    """
+    T, H, hd = q.shape
+    longest = 1
+    for t in range(T):
+        longest = max(longest, positions[t] + 1)
     scale32 = np.float32(scale)            # keeps the score arithmetic in float32
-    # Head-major order: consecutive jobs (and so each thread's share) use the
-    # same kv head, whose keys then stay in cache, and every thread gets rows
-    # of all lengths, so causal prefill splits evenly between threads.
-    for job in prange(H * T):
-        h = job // T
-        t = job % T
-        _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq[t], t, h, h // group,
-                positions[t] + 1, scale32, out)
+    for w in prange(n_workers):
+        q_scaled = np.empty((H, hd), np.float32)
+        scores = np.empty((H, longest), np.float32)
+        acc = np.empty((H, hd), np.float32)
+        for t in range(w, T, n_workers):
+            _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq[t], t,
+                    positions[t] + 1, scale32, out, q_scaled, scores, acc)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
@@ -172,5 +200,6 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
         raise ValueError(f"attention: {_PLAN_ERRORS[code]} (at index {where})")
     kc, vc = kernel_arrays("attention", k_cache, v_cache, k_scale, v_scale)
     out = np.empty(q.shape, np.float32)
-    _attention(q, kc, vc, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, out)
+    workers = max(1, min(numba.get_num_threads(), q.shape[0]))
+    _attention(q, kc, vc, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, workers, out)
     return out
