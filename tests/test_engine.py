@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,18 @@ def test_engine_kv_pool_is_the_planners_figure(smollm2_path, kv_dtype):
     assert sum(a.nbytes for a in arrays) == engine.kv_pool_bytes
     out = engine.generate(["Hello"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.token_ids) == 4
+
+
+def test_benchmark_batch_runs_and_reports_what_it_measured(smollm2_path, capsys):
+    from bench.benchmark_batch import main
+
+    assert main(["--model", str(smollm2_path), "--synthetic", "-n", "6", "-b", "3", "-l", "5",
+                 "--kv-cache-mib", "64", "--baseline", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["requests"] == 6 and r["generated_tokens"] == 6 * 5 and r["prompt_tokens"] == 5 + 13 + 27 + 51 + 5 + 13
+    assert r["prompt_tokens_computed"] == r["prompt_tokens"]
+    assert r["peak_kv_blocks"] == 3 and r["preemptions"] == 0    # 3 running, at most 56 tokens: 1 block each
+    assert r["kv_touch_s"] >= 0
+    b1 = r["batch1_decode_tok_s"]
+    assert b1 == pytest.approx((r["batch1_decode_tok_s_before"] + r["batch1_decode_tok_s_after"]) / 2, abs=0.01)
+    assert r["speedup_vs_batch1"] == pytest.approx(r["generated_tok_s"] / b1, rel=0.01)

@@ -330,6 +330,21 @@ def test_budget_counts_the_storage_dtype(kv_dtype):
     assert cache.num_blocks == 10 and cache.kv_dtype == kv_dtype and cache.pool_bytes == 10 * per_block
 
 
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_touch_writes_the_whole_pool_but_never_blocks_in_use(kv_dtype):
+    cache = KVCache(CONFIG, num_blocks=5, block_size=4, kv_dtype=kv_dtype)
+    everything = cache.k + cache.v + (cache.k_scale or []) + (cache.v_scale or [])
+    for a in everything:
+        a[...] = 1
+    cache.reserve(7, 3)                                  # sequence 7 holds a block
+    with pytest.raises(RuntimeError, match="1 blocks in use"):
+        cache.touch()
+    assert all((a == 1).all() for a in everything)       # nothing was erased
+    cache.free(7)
+    cache.touch()
+    assert all((a == 0).all() for a in everything)
+
+
 def test_unknown_kv_dtype():
     with pytest.raises(ValueError, match="bf16"):
         KVCache(CONFIG, 2, 4, kv_dtype="bf16")
