@@ -15,7 +15,8 @@ use, and with --baseline the batch-1 decode speed of one request measured in
 the same run (before and after the batch run, averaged), with the ratio
 between the two. The KV pool is written once before timing, so that the
 operating system's first-touch page faults, paid once in a server's life,
-are not counted (--cold-kv counts them).
+are not counted (--cold-kv counts them). --profile adds the milliseconds
+each operator takes per decode step of a full batch.
 """
 
 from __future__ import annotations
@@ -49,6 +50,41 @@ def build_prompts(args, llm) -> list:
     vocab = llm.model.config.vocab_size
     n = args.num_prompts or 32
     return [[int(t) for t in rng.integers(3, vocab, SYNTHETIC_LENGTHS[i % len(SYNTHETIC_LENGTHS)])] for i in range(n)]
+
+
+class OpTimer:
+    """Stands in for the model's operator module and times every call.
+
+    `llm.model.ops = OpTimer(llm.model.ops)` before a run; afterwards
+    `per_step(rows)` gives the milliseconds each operator took per forward
+    step that had exactly `rows` rows (so decode steps of a full batch can be
+    told apart from prompt steps). `linear` is split by weight shape.
+    """
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.ms: dict[tuple[str, int], float] = {}
+        self.steps: dict[int, int] = {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            key = f"linear {args[1].shape[0]}x{args[1].shape[1]}" if name == "linear" else name
+            rows = len(args[1]) if name == "embedding" else len(args[0])
+            if name == "embedding":
+                self.steps[rows] = self.steps.get(rows, 0) + 1
+            self.ms[key, rows] = self.ms.get((key, rows), 0.0) + (time.perf_counter() - start) * 1e3
+            return out
+
+        return timed
+
+    def per_step(self, rows: int) -> dict[str, float]:
+        n = self.steps.get(rows, 0)
+        got = {k: v / n for (k, r), v in self.ms.items() if r == rows and n}
+        return dict(sorted(got.items(), key=lambda kv: -kv[1]))
 
 
 def run(llm, prompts, max_tokens, max_batch, show_progress=True) -> dict:
@@ -101,6 +137,8 @@ def main(argv=None) -> int:
                     help="also time one request alone (batch-1 decode), before and after the batch run")
     ap.add_argument("--cold-kv", action="store_true",
                     help="do not page in the KV pool before timing (include first-touch page faults)")
+    ap.add_argument("--profile", action="store_true",
+                    help="time every operator call and print ms per decode step of a full batch")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -128,7 +166,14 @@ def main(argv=None) -> int:
     # mean of the two: this machine's clock drifts by 10-30% over a minute,
     # and timing the baseline on one side only would tilt the ratio with it.
     before = batch1() if args.baseline else None
+    if args.profile:
+        llm.model.ops = timer = OpTimer(llm.model.ops)
     result.update(run(llm, prompts, args.max_length, args.batch, show_progress=not args.json))
+    if args.profile:
+        llm.model.ops = timer.ops
+        full = min(args.batch, len(prompts))
+        result["decode_step_ms_by_op"] = {k: round(v, 2) for k, v in timer.per_step(full).items()}
+        result["decode_steps_profiled"] = timer.steps.get(full, 0)
     if args.baseline:
         after = batch1()
         result["batch1_decode_tok_s_before"], result["batch1_decode_tok_s_after"] = before, after
@@ -145,6 +190,12 @@ def main(argv=None) -> int:
           f"TPOT p50 {result['tpot_p50_s'] * 1e3:.1f} ms, p90 {result['tpot_p90_s'] * 1e3:.1f} ms")
     print(f"peak KV blocks: {result['peak_kv_blocks']} of {result['kv_blocks_total']} "
           f"({result['kv_block_size']} tokens each), preemptions {result['preemptions']}")
+    if args.profile:
+        ops_ms = result["decode_step_ms_by_op"]
+        print(f"per decode step of {min(args.batch, len(prompts))} rows ({result['decode_steps_profiled']} steps), "
+              f"ms by operator (total {sum(ops_ms.values()):.1f}, TPOT above includes the rest):")
+        for k, v in ops_ms.items():
+            print(f"  {k:<20s} {v:7.2f}")
     if "kv_touch_s" in result:
         print(f"KV pool paged in before timing ({result['kv_touch_s']:.1f} s; --cold-kv to include it)")
     if args.baseline:

@@ -100,7 +100,7 @@ def test_benchmark_batch_runs_and_reports_what_it_measured(smollm2_path, capsys)
     from bench.benchmark_batch import main
 
     assert main(["--model", str(smollm2_path), "--synthetic", "-n", "6", "-b", "3", "-l", "5",
-                 "--kv-cache-mib", "64", "--baseline", "--json"]) == 0
+                 "--kv-cache-mib", "64", "--baseline", "--profile", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["requests"] == 6 and r["generated_tokens"] == 6 * 5 and r["prompt_tokens"] == 5 + 13 + 27 + 51 + 5 + 13
     assert r["prompt_tokens_computed"] == r["prompt_tokens"]
@@ -109,3 +109,6 @@ def test_benchmark_batch_runs_and_reports_what_it_measured(smollm2_path, capsys)
     b1 = r["batch1_decode_tok_s"]
     assert b1 == pytest.approx((r["batch1_decode_tok_s_before"] + r["batch1_decode_tok_s_after"]) / 2, abs=0.01)
     assert r["speedup_vs_batch1"] == pytest.approx(r["generated_tok_s"] / b1, rel=0.01)
+    ops = r["decode_step_ms_by_op"]                                 # --profile: decode steps of 3 rows
+    assert r["decode_steps_profiled"] >= 4 and {"attention", "logits", "linear 576x576"} <= set(ops)
+    assert all(ms > 0 for ms in ops.values())
