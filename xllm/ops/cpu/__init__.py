@@ -12,6 +12,8 @@ check shapes and indices, allocate the output and call a compiled kernel:
                       `embedding` hand those over to it
   kv_storage.py       how store_kv and attention store and read a KV cache
                       of float32, float16 (as bits) or int8 with scales
+  expf.py             exp(x) for x <= 0 in plain arithmetic, so that the
+                      softmax and SiLU loops run as SIMD code
 
 Kernels are compiled on first use and cached on disk (`cache=True`); the
 number of threads is whatever the caller set with `numba.set_num_threads`.
