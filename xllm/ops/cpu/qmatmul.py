@@ -53,6 +53,11 @@ All arithmetic here is float32, on exactly those values.
   once (it fits in L2), then runs the float32 register-tiled GEMM of
   matmul.py (`_gemm_block`) on it for all tokens. The extra cost over the
   float32 GEMM is one dequantization of the weight per call.
+  Each worker takes one contiguous run of row blocks. Dealing the blocks out
+  in turn made neighbouring output columns belong to different threads, and
+  where two of them share a cache line (numpy aligns arrays to 16 bytes, not
+  64) the line bounced between the cores on every store: contiguous runs
+  were 8-19% faster at 32 tokens (3072 x 576, this 2-core CPU).
 
 * Embedding: the selected rows are dequantized (`_dequant_row_*`, the same
   helpers the GEMM uses); the result is bit-identical to `dequantize()`.
@@ -244,7 +249,7 @@ def _gemm_q8(x, qs, d, rows_per_job, n_workers, out):
     for worker in prange(n_workers):
         w = np.empty((rows_per_job, K), np.float32)        # this worker's scratch, reused per job
         w_blocks = w.reshape(rows_per_job, nb, bs)          # the same memory, block by block
-        for job in range(worker, n_jobs, n_workers):
+        for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
             n0 = job * rows_per_job
             rows = min(rows_per_job, N - n0)
             for r in range(rows):
@@ -261,7 +266,7 @@ def _gemm_q4(x, qs, d, o, c, rows_per_job, n_workers, out):
     for worker in prange(n_workers):
         w = np.empty((rows_per_job, K), np.float32)
         w_blocks = w.reshape(rows_per_job, nb, 2 * half)
-        for job in range(worker, n_jobs, n_workers):
+        for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
             n0 = job * rows_per_job
             rows = min(rows_per_job, N - n0)
             for r in range(rows):
