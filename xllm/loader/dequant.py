@@ -94,18 +94,22 @@ def _k_scale_min(sc_bytes, b, k):
 
 
 @njit(cache=True)
+def _k_group_scales(sc_bytes, d, dmin, b, g):
+    """(d1, m1, d2, m2): the scales and mins of group g's two sub-blocks (2g and
+    2g + 1) of Q4_K/Q5_K block b, times the block's d and dmin."""
+    sc1, mn1 = _k_scale_min(sc_bytes, b, 2 * g)
+    sc2, mn2 = _k_scale_min(sc_bytes, b, 2 * g + 1)
+    return d[b] * sc1, dmin[b] * mn1, d[b] * sc2, dmin[b] * mn2
+
+
+@njit(cache=True)
 def _q4_k(blocks, d, dmin, out):
     # block (144 bytes, 256 values): d | dmin | 12 scale bytes | 128 bytes of nibbles.
     # Values come in 4 groups of 64: the low nibbles of 32 bytes, then their high nibbles.
     scales = blocks[:, 4:16]
     for b in range(blocks.shape[0]):
         for g in range(4):
-            sc1, mn1 = _k_scale_min(scales, b, 2 * g)
-            sc2, mn2 = _k_scale_min(scales, b, 2 * g + 1)
-            d1 = d[b] * sc1
-            m1 = dmin[b] * mn1
-            d2 = d[b] * sc2
-            m2 = dmin[b] * mn2
+            d1, m1, d2, m2 = _k_group_scales(scales, d, dmin, b, g)
             for j in range(32):
                 byte = blocks[b, 16 + 32 * g + j]
                 out[b, 64 * g + j] = d1 * np.float32(byte & 15) - m1
@@ -119,12 +123,7 @@ def _q5_k(blocks, d, dmin, out):
     scales = blocks[:, 4:16]
     for b in range(blocks.shape[0]):
         for g in range(4):
-            sc1, mn1 = _k_scale_min(scales, b, 2 * g)
-            sc2, mn2 = _k_scale_min(scales, b, 2 * g + 1)
-            d1 = d[b] * sc1
-            m1 = dmin[b] * mn1
-            d2 = d[b] * sc2
-            m2 = dmin[b] * mn2
+            d1, m1, d2, m2 = _k_group_scales(scales, d, dmin, b, g)
             for j in range(32):
                 byte = blocks[b, 48 + 32 * g + j]
                 high = blocks[b, 16 + j]
