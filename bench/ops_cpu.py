@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 from xllm.ops import get_ops
-from xllm.ops.quant import QuantWeight
+from xllm.weights import QuantWeight
 
 cpu = get_ops("cpu")
 ref = get_ops("reference")

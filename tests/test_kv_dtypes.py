@@ -16,13 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_ops_cpu import assert_close, f32_arrays, paged_batches, serial_or_parallel
+from tests.ops_helpers import serial_or_parallel
+from tests.test_ops_cpu import assert_close, f32_arrays, paged_batches
 from xllm import planner
 from xllm.config import ModelConfig
 from xllm.kv_cache import KVCache
 from xllm.planner import kv_bytes_per_token
 from xllm.ops import get_ops
-from xllm.ops.cpu.kv_storage import f16_bits_to_f32, f32_to_f16_bits
+from xllm.ops.cpu.bodies import f16
 from xllm.ops.reference import quantize_kv_int8
 
 cpu = get_ops("cpu")
@@ -37,13 +38,13 @@ DTYPES = ["fp32", "fp16", "int8"]
 @numba.njit
 def _encode_all(x, out):
     for i in range(x.shape[0]):
-        out[i] = f32_to_f16_bits(x[i])
+        out[i] = f16.f32_to_f16_bits(x[i])
 
 
 @numba.njit
 def _decode_all(h, out):
     for i in range(h.shape[0]):
-        out[i] = f16_bits_to_f32(h[i])
+        out[i] = f16.f16_bits_to_f32(h[i])
 
 
 def encode(x: np.ndarray) -> np.ndarray:

@@ -12,8 +12,6 @@ the expected array does not have, so a kernel that returns NaN cannot pass.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 
 import numba
@@ -23,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from xllm.ops import DEVICES, OPS, DeviceNotAvailable, get_ops
-from xllm.ops.cpu import pointwise
+from tests.ops_helpers import serial_or_parallel  # noqa: F401 (used by the tests below)
+from xllm.ops import get_ops
+from xllm.ops.cpu.bodies import expf
 from xllm.ops.cpu.common import FAST
-from xllm.ops.cpu.expf import exp_nonpositive
 
 cpu = get_ops("cpu")
 ref = get_ops("reference")
@@ -63,50 +61,11 @@ def f32_arrays(draw, shape, bound=4.0):
     return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
-@contextlib.contextmanager
-def serial_or_parallel(parallel: bool):
-    """Make the row-wise wrappers pick their parallel (or serial) driver for any size."""
-    saved = pointwise.PARALLEL_MIN_ELEMENTS
-    pointwise.PARALLEL_MIN_ELEMENTS = 0 if parallel else 1 << 62
-    try:
-        yield
-    finally:
-        pointwise.PARALLEL_MIN_ELEMENTS = saved
-
-
 def dot_scale(x, w):
     """The largest sum_k |x[t, k] * w[n, k]|: the size a dot product's rounding error scales with."""
     if x.size == 0 or w.size == 0:
         return 0.0
     return float((np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T).max())
-
-
-# ---------------------------------------------------------------- registry
-
-def test_registry_cpu_and_reference_have_every_op_with_the_same_signature():
-    for name in OPS:
-        assert callable(getattr(cpu, name)), name
-        assert callable(getattr(ref, name)), name
-        assert (list(inspect.signature(getattr(cpu, name)).parameters)
-                == list(inspect.signature(getattr(ref, name)).parameters)), name
-    assert cpu.rope_tables is ref.rope_tables
-
-
-def test_registry_cuda_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        get_ops("cuda")
-    with pytest.raises(ValueError):
-        get_ops("cuda")
-    with pytest.raises(DeviceNotAvailable):
-        get_ops("cuda")
-
-
-def test_registry_unknown_device_names_it_and_the_known_ones():
-    with pytest.raises(ValueError) as err:
-        get_ops("tpu")
-    assert "'tpu'" in str(err.value)
-    for device in DEVICES:
-        assert device in str(err.value)
 
 
 # ---------------------------------------------------------------- embedding
@@ -385,7 +344,7 @@ def test_attention_rejects_bad_batch_descriptions():
 def _exp_loop(x, out):
     """exp_nonpositive over an array, compiled as the kernels use it (fast-math, SIMD)."""
     for i in range(x.shape[0]):
-        out[i] = exp_nonpositive(x[i])
+        out[i] = expf.exp_nonpositive(x[i])
 
 
 def test_exp_nonpositive_is_within_its_stated_error():

@@ -30,7 +30,7 @@ from tests.test_ops_cpu import assert_close
 from xllm.loader import load_checkpoint
 from xllm.loader.dequant import keep_blocks
 from xllm.ops import get_ops
-from xllm.ops.quant import FORMATS, QuantWeight, concat, is_quant
+from xllm.weights import FORMATS, QuantWeight, concat, is_quant
 
 cpu = get_ops("cpu")
 ref = get_ops("reference")
@@ -251,7 +251,7 @@ def test_logits_of_selected_rows(data, fmt, T, shape):
 @EXAMPLES
 @given(data=st.data(), fmt=st.sampled_from(FORMATS), shape=shapes, T=st.integers(0, 40), parallel=st.booleans())
 def test_embedding_is_the_dequantized_rows(data, fmt, shape, T, parallel):
-    from tests.test_ops_cpu import serial_or_parallel
+    from tests.ops_helpers import serial_or_parallel
 
     V, D = shape
     table = data.draw(quant_weights(fmt, V, D))

@@ -22,7 +22,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import ModelFormatError
 from .model import Llama, prepare_weights
-from .ops.quant import QuantWeight, is_quant
+from .weights import QuantWeight, is_quant
 
 CACHE_FORMAT = 2
 

@@ -29,7 +29,7 @@ import numpy as np
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .ops import get_ops
-from .ops.quant import concat as quant_concat, is_quant
+from .weights import concat as quant_concat, is_quant
 
 
 @dataclass

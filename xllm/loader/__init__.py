@@ -17,7 +17,7 @@ Every problem with the input is raised as one `ModelFormatError`.
     ck = load_checkpoint(path, keep_quant=True)
 
 keeps the GGUF matrices stored as Q8_0, Q4_0 or Q4_1 in their blocks: those
-weights are `xllm.ops.quant.QuantWeight`s (3.5 to 6.4 times smaller than float32,
+weights are `xllm.weights.QuantWeight`s (3.5 to 6.4 times smaller than float32,
 and the CPU operators compute with them directly); every other tensor, and
 every tensor of a Hugging Face or llama2.c checkpoint, is float32 as usual.
 """

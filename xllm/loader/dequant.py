@@ -12,7 +12,7 @@ back to the `gguf` package.
 
 `keep_blocks` is the other way to read a tensor: for the formats the matrix
 kernels compute with directly (Q8_0, Q4_0, Q4_1) it keeps the integers as
-they are and only widens the scales, giving a `xllm.ops.quant.QuantWeight`.
+they are and only widens the scales, giving a `xllm.weights.QuantWeight`.
 
 Each kernel gets the raw blocks as a 2-D uint8 array [n_blocks, block_bytes],
 the float16 scales already widened to float32 by numpy (Numba has no
@@ -26,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
 from numba import njit
 
-from ..ops.quant import QuantWeight
+from ..weights import QuantWeight
 
 # Tensor types a GGUF loaded by xllm may contain.
 SUPPORTED = (
@@ -200,7 +200,7 @@ def keep_blocks(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> QuantWeigh
         Q4_1  d (f16) | m (f16) | 16 bytes           20 bytes
 
     QuantWeight keeps the integers of a row together and the scales apart
-    (see xllm/ops/quant.py), so this copies each part out: the result owns its
+    (see xllm/weights.py), so this copies each part out: the result owns its
     arrays and holds no reference to `raw` (or the file mapped behind it).
     """
     if qtype not in KEEPABLE:

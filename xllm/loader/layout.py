@@ -30,7 +30,7 @@ that shuffle with `rope_rows_to_halves`.
 
 Quantized weights.  With `load_checkpoint(..., keep_quant=True)` the GGUF
 loader gives the matrices stored as Q8_0/Q4_0/Q4_1 as `QuantWeight`s
-(xllm/ops/quant.py) instead of float32 arrays; same names, same shapes, same
+(xllm/weights.py) instead of float32 arrays; same names, same shapes, same
 row order (the RoPE shuffle is undone by reordering their rows).
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from ..ops.quant import is_quant
+from ..weights import is_quant
 
 LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 

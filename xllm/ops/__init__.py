@@ -1,40 +1,141 @@
-"""The operator layer: one namespace of operators per device.
+"""The operator layer: one `Ops` object per device, with the same operators on each.
 
-    from xllm.ops import get_ops
-    ops = get_ops("cpu")            # Numba kernels
-    y = ops.linear(x, w)
+    from xllm.ops import get_ops, available_devices
+    ops = get_ops("cpu")                 # or "reference", "cuda", "cuda-sim"
+    y = ops.download(ops.linear(ops.upload(x), ops.upload_weight(w)))
 
-Every device provides the operators in OPS with the same signatures:
-"reference" is plain numpy (the specification, `xllm/ops/reference.py`),
-"cpu" is the compiled version the engine runs (`xllm/ops/cpu/`). All float
-arrays are float32 and C-contiguous, index arrays int32, except the KV caches,
-which may also be float16, or int8 with float32 scales (`store_kv`); each
-operator returns a new array except `store_kv`, which writes into the caches.
+The devices:
+
+    "reference"  plain numpy: the specification (`reference.py`)
+    "cpu"        numba `@njit(parallel=True)` kernels (`cpu/`)
+    "cuda"       numba.cuda kernels on an NVIDIA GPU (`cuda/`); needs numba-cuda
+                 (`pip install xllm[cuda]`) and a GPU with its driver
+    "cuda-sim"   the same CUDA kernels run by numba's CUDA simulator, in plain
+                 Python threads, on any machine: slow, for tests and for
+                 stepping through a GPU thread in a debugger
+
+Each operator's math is written once (`kernels/`) and compiled for the CPU
+and for the GPU; only the loops that hand out the work differ per device.
+`interface.py` lists what every device provides.
+
+numba.cuda is either the real thing or the simulator for the life of a
+process (it reads NUMBA_ENABLE_CUDASIM when first imported), so one process
+can use "cuda" or "cuda-sim", not both.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+import ctypes
+import importlib.util
+import os
+import sys
 
-OPS = ("embedding", "rmsnorm", "linear", "rope", "rope_tables", "store_kv", "attention",
-       "silu_mul", "add", "logits")
+from ..errors import XllmError
+from .interface import MEMORY, OPS, HostOps, Ops
 
-DEVICES = ("cpu", "reference", "cuda")
+__all__ = ["DEVICES", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "Ops", "available_devices",
+           "get_ops", "resolve_device"]
 
-_MODULES = {"cpu": "xllm.ops.cpu", "reference": "xllm.ops.reference"}
-
-
-class DeviceNotAvailable(NotImplementedError, ValueError):
-    """A known device whose operators cannot be used (yet). Catchable as either base."""
+DEVICES = ("cpu", "reference", "cuda", "cuda-sim")
 
 
-def get_ops(device: str = "cpu") -> ModuleType:
-    """The module holding the operators of `device` ("cpu", "reference" or "cuda")."""
-    if device == "cuda":
-        raise DeviceNotAvailable(
-            "device 'cuda': the CUDA kernels are not implemented yet (numba.cuda versions of the CPU "
-            "kernels are planned); use device 'cpu'")
-    if device not in _MODULES:
+class DeviceNotAvailable(XllmError, ValueError):
+    """A known device that this machine (or this process) cannot run."""
+
+
+_instances: dict[str, Ops] = {}
+
+
+def get_ops(device: str = "cpu") -> Ops:
+    """The operators of `device` (one shared instance per device and process)."""
+    if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; known devices: {', '.join(DEVICES)}")
-    return importlib.import_module(_MODULES[device])
+    if device not in _instances:
+        if device == "cpu":
+            from .cpu import CpuOps as make
+        elif device == "reference":
+            from .reference import ReferenceOps as make
+        else:
+            _import_numba_cuda(simulator=device == "cuda-sim")
+            from .cuda import CudaOps as make
+        _instances[device] = make()
+    return _instances[device]
+
+
+def available_devices() -> list[str]:
+    """The devices this process can run, in order of preference for speed."""
+    found = ["cpu", "reference"]
+    if _gpu_problem() is None:
+        found.insert(0, "cuda")
+    if _sim_problem() is None:
+        found.append("cuda-sim")
+    return found
+
+
+def resolve_device(device: str) -> str:
+    """`device`, with "auto" replaced by "cuda" when a GPU works here, else "cpu"."""
+    if device == "auto":
+        return "cuda" if _gpu_problem() is None else "cpu"
+    if device not in DEVICES:
+        raise DeviceNotAvailable(f"unknown device {device!r}; choose auto, {', '.join(DEVICES)}")
+    return device
+
+
+# ---------------------------------------------------------------- finding numba.cuda and a GPU
+
+def _numba_cuda_mode() -> str | None:
+    """"sim" or "gpu" once numba.cuda is imported in this process, else None."""
+    if "numba.cuda" not in sys.modules:
+        return None
+    from numba.core import config
+
+    return "sim" if config.ENABLE_CUDASIM else "gpu"
+
+
+def _has_numba_cuda() -> bool:
+    return importlib.util.find_spec("numba_cuda") is not None
+
+
+def _gpu_count() -> int:
+    """GPUs the CUDA driver sees, asked without importing numba.cuda (0 without a driver)."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def _gpu_problem() -> str | None:
+    """Why "cuda" cannot run in this process, or None when it can."""
+    if not _has_numba_cuda():
+        return "numba-cuda is not installed (pip install xllm[cuda])"
+    if _numba_cuda_mode() == "sim":
+        return "this process loaded numba.cuda as the simulator (NUMBA_ENABLE_CUDASIM=1)"
+    if _gpu_count() == 0:
+        return "no CUDA GPU and driver found on this machine"
+    return None
+
+
+def _sim_problem() -> str | None:
+    """Why "cuda-sim" cannot run in this process, or None when it can."""
+    if not _has_numba_cuda():
+        return "numba-cuda is not installed (pip install xllm[cuda])"
+    if _numba_cuda_mode() == "gpu":
+        return "this process already loaded numba.cuda for a real GPU; start Python with NUMBA_ENABLE_CUDASIM=1"
+    return None
+
+
+def _import_numba_cuda(simulator: bool) -> None:
+    problem = _sim_problem() if simulator else _gpu_problem()
+    if problem:
+        raise DeviceNotAvailable(f"device {'cuda-sim' if simulator else 'cuda'}: {problem}")
+    if _numba_cuda_mode() is None:
+        from numba.core import config
+
+        # numba.cuda reads this once, when it is first imported.
+        config.ENABLE_CUDASIM = int(simulator)
+        os.environ["NUMBA_ENABLE_CUDASIM"] = str(int(simulator))
+        import numba.cuda  # noqa: F401

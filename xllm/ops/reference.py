@@ -1,16 +1,17 @@
 """Plain numpy versions of every operator: the specification the kernels must match.
 
 Each function here is written to be obviously correct rather than fast: it
-computes in float64 where that is cheap and returns float32, exactly like the
-compiled kernels in `xllm.ops.cpu` (same names, same signatures). The tests
+computes in float64 where that is cheap and returns float32, like the
+compiled kernels of every device (same names, same signatures; the device
+"reference" is these functions, `ReferenceOps` at the bottom). The tests
 compare every kernel against these, so when in doubt about what an operator
 means, read it here.
 
 Conventions shared by all operators:
   * float arrays are float32 and C-contiguous, index arrays are int32;
   * a weight matrix (the w of `linear`/`logits`, the table of `embedding`) may
-    also be a `QuantWeight` (xllm/ops/quant.py), which stands for the float32
-    matrix `w.dequantize()`: the operator means exactly that;
+    also be float16, or a `QuantWeight` (xllm/weights.py), which stands for
+    the float32 matrix `w.dequantize()`: the operator means exactly that;
   * every operator returns a new array, except `store_kv`, which writes into
     the caches it is given;
   * `T` is the number of token rows in the (possibly ragged) batch.
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quant import is_quant
+from ..weights import WEIGHT_FORMATS, is_quant
+from .interface import HostOps
 
 F32 = np.float32
 F64 = np.float64
@@ -195,3 +197,18 @@ def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def logits(x: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Output projection of selected rows only: linear(x[rows], w).  -> [R, V]."""
     return linear(x[rows], w)
+
+
+class ReferenceOps(HostOps):
+    """The device "reference": the functions above behind the `Ops` interface."""
+
+    name = "reference"
+    linear_kernels = {fmt: linear for fmt in WEIGHT_FORMATS}
+    embedding_kernels = {fmt: embedding for fmt in WEIGHT_FORMATS}
+
+    rmsnorm = staticmethod(rmsnorm)
+    rope = staticmethod(rope)
+    store_kv = staticmethod(store_kv)
+    attention = staticmethod(attention)
+    silu_mul = staticmethod(silu_mul)
+    add = staticmethod(add)

@@ -1,30 +1,40 @@
-"""The CPU operators: Numba-compiled kernels behind thin Python wrappers.
+"""The CPU device: numba-compiled drivers around the shared kernel bodies.
 
 Every operator has the signature and meaning of its twin in
 `xllm.ops.reference` (read that module for the specification). The wrappers
-check shapes and indices, allocate the output and call a compiled kernel:
+check shapes and indices, allocate the output and call a compiled driver,
+which runs the bodies of `xllm/ops/kernels/` (compiled in `bodies.py`)
+over the rows, in threads (`prange`) when the work is large enough:
 
-  matmul.py           linear, logits      (GEMV for one token, tiled GEMM for many)
-  paged_attention.py  attention           (causal, paged, ragged batch, GQA)
-  pointwise.py        embedding, rmsnorm, rope, silu_mul, add, store_kv
-  qmatmul.py          linear, logits and embedding when the weight is a
-                      QuantWeight (xllm/ops/quant.py); `linear` and
-                      `embedding` hand those over to it
-  kv_storage.py       how store_kv and attention store and read a KV cache
-                      of float32, float16 (as bits) or int8 with scales
-  expf.py             exp(x) for x <= 0 in plain arithmetic, so that the
-                      softmax and SiLU loops run as SIMD code
+  pointwise.py        rmsnorm, rope, silu_mul, add
+  embedding.py        embedding (float tables and quantized ones)
+  matmul.py           linear for float32 and float16 weights (GEMV for one
+                      token, register-tiled GEMM for many)
+  qmatmul.py          linear for the GGUF block formats (q8_0, q4_0, q4_1)
+  kv_storage.py       store_kv (float32, float16 or int8 caches)
+  paged_attention.py  attention (causal, paged, ragged batch, GQA)
+  common.py           fast-math flags, serial and parallel drivers, index checks
 
 Kernels are compiled on first use and cached on disk (`cache=True`); the
 number of threads is whatever the caller set with `numba.set_num_threads`.
 To step through a kernel in a Python debugger, run with NUMBA_DISABLE_JIT=1:
-every kernel is then plain Python (and `prange` a plain `range`).
+every driver and body is then plain Python (and `prange` a plain `range`).
 """
 
-from ..reference import rope_tables
-from .matmul import linear, logits
-from .paged_attention import attention
-from .pointwise import add, embedding, rmsnorm, rope, silu_mul, store_kv
+from __future__ import annotations
 
-__all__ = ["add", "attention", "embedding", "linear", "logits", "rmsnorm", "rope", "rope_tables",
-           "silu_mul", "store_kv"]
+from ..interface import HostOps
+from . import embedding, kv_storage, matmul, paged_attention, pointwise, qmatmul
+
+
+class CpuOps(HostOps):
+    name = "cpu"
+    linear_kernels = {**matmul.LINEAR, **qmatmul.LINEAR}
+    embedding_kernels = embedding.EMBEDDING
+
+    rmsnorm = staticmethod(pointwise.rmsnorm)
+    rope = staticmethod(pointwise.rope)
+    silu_mul = staticmethod(pointwise.silu_mul)
+    add = staticmethod(pointwise.add)
+    store_kv = staticmethod(kv_storage.store_kv)
+    attention = staticmethod(paged_attention.attention)

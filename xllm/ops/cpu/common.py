@@ -1,4 +1,4 @@
-"""Settings shared by the CPU kernels.
+"""Settings and helpers shared by the CPU drivers.
 
 FAST is the set of LLVM fast-math flags the kernels use for reductions (dot
 products, sums of squares). It allows reassociation, which is what lets LLVM
@@ -9,11 +9,46 @@ instead of reaching the output.
 
 Starting the thread pool for a `prange` loop costs a few microseconds, more than
 the whole work of most operators during decode (one token, a few hundred
-floats). Those operators therefore come in two compiled twins, one serial and
-one parallel, and the wrapper picks the parallel one only when the array has at
-least PARALLEL_MIN_ELEMENTS elements.
+floats). Those operators' drivers are therefore compiled twice by
+`serial_and_parallel`, once as a plain loop and once with threads, and the
+wrapper picks the threaded one only when the array has at least
+PARALLEL_MIN_ELEMENTS elements.
 """
+
+import types
+
+import numba
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+def serial_and_parallel(driver, fastmath=False):
+    """(serial, parallel): `driver`, a loop written with `prange`, compiled
+    without threads (prange is then a plain range) and with them.
+
+    The threaded copy gets its own name, so numba's disk cache keeps the two
+    apart (it names cache files after the function).
+    """
+    serial = numba.njit(cache=True, fastmath=fastmath)(driver)
+    copy = types.FunctionType(driver.__code__, driver.__globals__, driver.__name__ + "_parallel",
+                              driver.__defaults__, driver.__closure__)
+    copy.__qualname__ = driver.__qualname__ + "_parallel"
+    copy.__module__, copy.__doc__ = driver.__module__, driver.__doc__
+    parallel = numba.njit(parallel=True, cache=True, fastmath=fastmath)(copy)
+    return serial, parallel
+
+
+@numba.njit(cache=True)
+def first_out_of_range(idx, limit):
+    """Index of the first element of idx outside [0, limit), or -1 if none.
+
+    Compiled code has no bounds checks, so the drivers that index with data
+    (token ids, positions, cache slots) call this before touching memory, and
+    the wrapper turns a bad index into a ValueError (`checks.index_error`).
+    """
+    for i in range(idx.shape[0]):
+        if idx[i] < 0 or idx[i] >= limit:
+            return i
+    return -1

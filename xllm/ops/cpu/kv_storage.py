@@ -31,7 +31,11 @@ import math
 import numba
 import numpy as np
 from numba import types
+from numba import prange
 from numba.extending import overload
+
+from . import common
+from .common import first_out_of_range as _first_out_of_range
 
 # The storage dtypes by name, and the bytes one token's keys or values take
 # in one layer: head_dim numbers of the dtype per kv head, plus a float32
@@ -232,3 +236,56 @@ def kernel_arrays(op: str, k_cache: np.ndarray, v_cache: np.ndarray, k_scale, v_
     if name == "fp16":
         return k_cache.view(np.uint16), v_cache.view(np.uint16)
     return k_cache, v_cache
+
+
+# ---------------------------------------------------------------- store_kv
+
+@numba.njit(cache=True)
+def _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t):
+    """Row t of k and v into slot slot_mapping[t], each head in the cache's format."""
+    slot = slot_mapping[t]
+    for h in range(k.shape[1]):
+        store_head(k, t, h, k_cache, k_scale, slot)
+        store_head(v, t, h, v_cache, v_scale, slot)
+
+
+@numba.njit(cache=True)
+def _store_kv_serial(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping):
+    bad = _first_out_of_range(slot_mapping, k_cache.shape[0])
+    if bad < 0:
+        for t in range(k.shape[0]):
+            _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t)
+    return bad
+
+
+@numba.njit(parallel=True, cache=True)
+def _store_kv_parallel(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping):
+    bad = _first_out_of_range(slot_mapping, k_cache.shape[0])
+    if bad < 0:
+        for t in prange(k.shape[0]):
+            _store_kv_row(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, t)
+    return bad
+
+
+def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+             slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
+             v_scale: np.ndarray | None = None) -> None:
+    """k_cache[slot_mapping[t]] = k[t] and likewise for v, in place.
+
+    k, v [T, Hkv, hd] float32; caches [S, Hkv, hd] float32, float16 or int8;
+    slot_mapping [T] int32, each < S. int8 caches also take k_scale and
+    v_scale [S, Hkv] float32, written with one scale per token per kv head
+    (see kv_storage.py). Nothing is written when a slot is out of range.
+    """
+    if (k.ndim != 3 or v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.ndim != 3
+            or k_cache.shape[1:] != k.shape[1:] or slot_mapping.shape != k.shape[:1]):
+        raise ValueError(f"store_kv: need k, v [T, Hkv, hd], caches [S, Hkv, hd], slot_mapping [T], got "
+                         f"{k.shape}, {v.shape}, {k_cache.shape}, {v_cache.shape}, {slot_mapping.shape}")
+    kc, vc = kernel_arrays("store_kv", k_cache, v_cache, k_scale, v_scale)
+    run = _store_kv_parallel if k.size >= common.PARALLEL_MIN_ELEMENTS else _store_kv_serial
+    bad = run(k, v, kc, vc, k_scale, v_scale, slot_mapping)
+    if bad >= 0:
+        raise ValueError(f"store_kv: slot_mapping[{bad}] = {slot_mapping[bad]} is not a slot of the "
+                         f"{k_cache.shape[0]}-slot cache")
+
+

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..quant import QuantWeight
+from ...weights import QuantWeight
 from .common import FAST
 
 ROWS_PER_BLOCK = 48     # weight rows per work item of _gemm (a multiple of 3)
@@ -125,7 +125,7 @@ def _gemm(x, w, out):
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32.
 
-    w may also be a QuantWeight (xllm/ops/quant.py): then qmatmul.py computes it.
+    w may also be a QuantWeight (xllm/weights.py): then qmatmul.py computes it.
     """
     if isinstance(w, QuantWeight):
         return qmatmul.qlinear(x, w)
@@ -150,3 +150,5 @@ def logits(x: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 # At the end: qmatmul imports _gemm_block and ROWS_PER_BLOCK from this module.
 from . import qmatmul  # noqa: E402
+
+LINEAR = {"f32": linear}      # weight format -> kernel (CpuOps.linear_kernels)

@@ -36,7 +36,7 @@ import numpy as np
 from numba import prange
 
 from .common import FAST
-from .expf import exp_nonpositive
+from .bodies import expf
 from .kv_storage import kernel_arrays, widen
 
 # Problems `_plan` can find, by the code it returns.
@@ -125,7 +125,7 @@ def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t
                 m = scores[h, p]
         total = np.float32(0.0)
         for p in range(n):
-            e = exp_nonpositive(scores[h, p] - m)
+            e = expf.exp_nonpositive(scores[h, p] - m)
             scores[h, p] = e
             total += e
         inv_total = np.float32(1.0) / total

@@ -1,6 +1,6 @@
 """Matrix products and embedding lookups with quantized weights (`QuantWeight`).
 
-Read xllm/ops/quant.py first for the formats. In short, block b of row n
+Read xllm/weights.py first for the formats. In short, block b of row n
 holds 32 small integers q and a scale d (plus an offset m in q4_1), and the
 weight they stand for is d * q (q8_0), d * q + m (q4_1) or d * (q - 8) (q4_0).
 All arithmetic here is float32, on exactly those values.
@@ -75,10 +75,10 @@ import numba
 import numpy as np
 from numba import prange
 
-from ..quant import BLOCK, QuantWeight
+from ...weights import BLOCK, QuantWeight
 from .common import FAST
 from .matmul import ROWS_PER_BLOCK, _gemm_block
-from .pointwise import _first_out_of_range
+from .common import first_out_of_range as _first_out_of_range
 
 f32 = np.float32
 
@@ -368,3 +368,5 @@ def qembedding(table: QuantWeight, ids: np.ndarray, parallel: bool = False) -> n
     if bad >= 0:
         raise ValueError(f"embedding: ids[{bad}] = {ids[bad]} is not a row of the {V}-row table")
     return out
+
+LINEAR = {"q8_0": qlinear, "q4_0": qlinear, "q4_1": qlinear}     # weight format -> kernel

@@ -1,7 +1,20 @@
-"""Quantized weight matrices, kept in the blocks their GGUF file stores them in.
+"""How a weight matrix is stored: float32, float16, or the blocks of a GGUF file.
 
 Decode reads every weight once per token, so its speed is the number of bytes
-the weights take. A GGUF model stores its matrices in *block* formats: each
+the weights take. The operators (`linear`, `logits`, `embedding`) accept a
+weight in any of these formats and compute with exactly the float32 values it
+stands for; `weight_format(w)` names the format, and the registry
+(`xllm.ops.Ops`) picks each device's kernel by that name, once per call:
+
+    "f32"   a float32 array [N, K]                            4 bytes a weight
+    "f16"   a float16 array [N, K] (the GPU's default for     2 bytes
+            float checkpoints); the kernels read its bits
+    "q8_0", "q4_0", "q4_1"   a `QuantWeight` (below)           1.125 / 0.625 / 0.75
+
+The loader makes these (`xllm.loader`), a device's `upload_weight` moves them
+into its memory; the arrays of a QuantWeight may then be device arrays.
+
+Block formats. A GGUF model stores its matrices in *block* formats: each
 row is cut into blocks of 32 consecutive values, and a block keeps small
 integers q plus one or two scale factors. `QuantWeight` holds such a matrix
 as it is, and the CPU kernels (`xllm.ops.cpu.qmatmul`) turn the integers back
@@ -44,7 +57,8 @@ from functools import cached_property
 import numpy as np
 
 BLOCK = 32                                     # values per block, in every format
-FORMATS = ("q8_0", "q4_0", "q4_1")
+FORMATS = ("q8_0", "q4_0", "q4_1")             # the block formats of QuantWeight
+WEIGHT_FORMATS = ("f32", "f16") + FORMATS      # every format an operator accepts
 _QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8}
 _HAS_MIN = {"q8_0": False, "q4_0": False, "q4_1": True}
 
@@ -58,7 +72,8 @@ class QuantWeight:
     d    float32 [N, K/32]: the scale of each block
     m    float32 [N, K/32]: the offset of each block (q4_1 only, else None)
 
-    All arrays are C-contiguous. Treat a QuantWeight as read-only, like the
+    All arrays are C-contiguous: numpy arrays, or a device's arrays after
+    `map_arrays(ops.upload)`. Treat a QuantWeight as read-only, like the
     float32 weights (the arrays may be memory-mapped).
     """
 
@@ -86,7 +101,7 @@ class QuantWeight:
                 got = "None" if s is None else f"{s.dtype} {s.shape}"
                 raise ValueError(f"QuantWeight {self.format}: {name} must be float32 {(N, K // BLOCK)}, got {got}")
         for name, a in [("qs", qs)] + scales:
-            if not a.flags.c_contiguous:
+            if not a.flags["C_CONTIGUOUS"]:       # item access: device arrays' flags are a dict
                 raise ValueError(f"QuantWeight {self.format}: {name} must be C-contiguous")
 
     # ------------------------------------------------------------------ array-like facts
@@ -176,6 +191,10 @@ class QuantWeight:
         cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
         return cls(fmt, cat("qs"), cat("d"), cat("m") if _HAS_MIN[fmt] else None)
 
+    def map_arrays(self, fn) -> "QuantWeight":
+        """The same matrix with `fn` applied to each array (e.g. a device's `upload`)."""
+        return QuantWeight(self.format, fn(self.qs), fn(self.d), None if self.m is None else fn(self.m))
+
     # ------------------------------------------------------------------ saving
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -200,8 +219,23 @@ class QuantWeight:
 
 
 def is_quant(w) -> bool:
-    """True for a QuantWeight, False for a plain (float32) array."""
+    """True for a QuantWeight, False for a plain (float32 or float16) array."""
     return isinstance(w, QuantWeight)
+
+
+def weight_format(w) -> str:
+    """The format name of a weight (see the module docstring): "f32", "f16", "q8_0", ...
+
+    Works for numpy and device arrays alike (anything with a numpy `dtype`).
+    """
+    if isinstance(w, QuantWeight):
+        return w.format
+    dtype = np.dtype(w.dtype)
+    if dtype == np.float32:
+        return "f32"
+    if dtype == np.float16:
+        return "f16"
+    raise ValueError(f"a weight must be float32, float16 or a QuantWeight, got {dtype} {tuple(w.shape)}")
 
 
 def concat(parts) -> QuantWeight:

@@ -1,0 +1,171 @@
+"""`Ops`: what every device provides, with the same names and signatures.
+
+The forward pass (`xllm/model.py`) and the KV cache (`xllm/kv_cache.py`) call
+nothing but these, so they run unchanged on every device:
+
+    memory      upload, download, empty, zeros, upload_weight, split_qkv, synchronize
+    operators   embedding, rmsnorm, linear, rope, rope_tables, store_kv, attention,
+                silu_mul, add, logits
+
+An array of a device is whatever that device computes on: numpy arrays for
+"cpu" and "reference", numba.cuda device arrays for "cuda" (and the
+simulator's stand-ins for "cuda-sim"). `upload` takes a numpy array to the
+device, `download` brings one back. Every operator takes and returns arrays
+of its device; float arrays are float32, index arrays int32, and every
+operator returns a new array except `store_kv`, which writes into the caches.
+The meaning of each operator is its numpy version in `xllm/ops/reference.py`.
+
+Weights come in several formats (`xllm/weights.py`: "f32", "f16", "q8_0",
+"q4_0", "q4_1"). A device lists its kernel for each format in
+`linear_kernels` and `embedding_kernels`, and `linear`, `embedding` and
+`logits` below pick one by `weight_format(w)`: this is the one place where
+quantized weights are dispatched, for every device.
+
+Errors: a bad shape raises ValueError at the call on every device (the checks
+are in `checks.py`). A bad index (a token id past the table, a slot past the
+cache) raises ValueError on the CPU at the call; a GPU finds it while the
+kernel runs, skips the bad element, and raises the same ValueError at the
+next `download` or `synchronize`, as CUDA itself reports errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..weights import QuantWeight, weight_format
+from . import checks
+
+OPS = ("embedding", "rmsnorm", "linear", "rope", "rope_tables", "store_kv", "attention",
+       "silu_mul", "add", "logits")
+MEMORY = ("upload", "download", "empty", "zeros", "upload_weight", "split_qkv", "synchronize")
+
+
+class Ops:
+    """The interface; each device subclasses it (see the module docstring)."""
+
+    name = "?"
+    linear_kernels: dict = {}      # weight format -> fn(x, w) -> [T, N]
+    embedding_kernels: dict = {}   # weight format -> fn(table, ids) -> [T, D]
+
+    # ------------------------------------------------------------------ memory
+
+    def upload(self, a: np.ndarray):
+        """This device's copy of the numpy array `a` (C-contiguous)."""
+        raise NotImplementedError
+
+    def download(self, a) -> np.ndarray:
+        """A numpy array with the values of this device's array `a`."""
+        raise NotImplementedError
+
+    def empty(self, shape, dtype):
+        """A new uninitialised array of this device."""
+        raise NotImplementedError
+
+    def zeros(self, shape, dtype):
+        """A new array of this device, filled with zeros."""
+        raise NotImplementedError
+
+    def upload_weight(self, w, f32: bool = False):
+        """A weight as this device computes with it. `f32` keeps float matrices in
+        float32 where the device would otherwise store them narrower."""
+        raise NotImplementedError
+
+    def split_qkv(self, qkv, n_heads: int, n_kv_heads: int, head_dim: int):
+        """The stacked projection qkv [T, (H + 2 Hkv) hd] as three new arrays
+        q [T, H, hd], k [T, Hkv, hd], v [T, Hkv, hd]."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for every kernel launched so far; raise an index error one of them found."""
+
+    # ------------------------------------------------------------------ operators
+
+    def embedding(self, table, ids):
+        """out[t] = table[ids[t]].  table [V, D] (any weight format), ids [T] -> [T, D]."""
+        checks.embedding(table, ids)
+        return self._kernel(self.embedding_kernels, "embedding", table)(table, ids)
+
+    def linear(self, x, w):
+        """y = x @ w.T.  x [T, K], w [N, K] (any weight format) -> [T, N]."""
+        checks.linear(x, w)
+        return self._kernel(self.linear_kernels, "linear", w)(x, w)
+
+    def logits(self, x, rows, w):
+        """linear(x[rows], w): the output projection of the rows that need logits.  -> [R, V]."""
+        return self.linear(self.take_rows(x, rows), w)
+
+    def take_rows(self, x, rows):
+        """x[rows] as a new array: x [T, D], rows [R] int32 -> [R, D]."""
+        raise NotImplementedError
+
+    def rope_tables(self, theta: float, head_dim: int, max_pos: int):
+        """(cos, sin), each [max_pos, head_dim // 2], on this device (see reference.rope_tables)."""
+        from .reference import rope_tables
+
+        cos, sin = rope_tables(theta, head_dim, max_pos)
+        return self.upload(cos), self.upload(sin)
+
+    def rmsnorm(self, x, w, eps: float):
+        raise NotImplementedError
+
+    def rope(self, x, positions, cos, sin):
+        raise NotImplementedError
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+        raise NotImplementedError
+
+    def attention(self, q, k_cache, v_cache, block_table, block_size: int, cu_q, positions, scale: float,
+                  k_scale=None, v_scale=None):
+        raise NotImplementedError
+
+    def silu_mul(self, gate_up):
+        raise NotImplementedError
+
+    def add(self, x, y):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+
+    def _kernel(self, kernels: dict, op: str, w):
+        fmt = weight_format(w)
+        try:
+            return kernels[fmt]
+        except KeyError:
+            raise ValueError(f"{op}: device {self.name!r} has no kernel for {fmt} weights "
+                             f"(it has {', '.join(kernels)})") from None
+
+    def __repr__(self) -> str:
+        return f"<xllm ops for device {self.name!r}>"
+
+
+class HostOps(Ops):
+    """Memory for the devices that compute on numpy arrays ("cpu", "reference")."""
+
+    def upload(self, a):
+        return np.ascontiguousarray(a)
+
+    def download(self, a):
+        return np.asarray(a)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype):
+        # np.zeros maps pages lazily: memory is touched only where it is written.
+        return np.zeros(shape, dtype)
+
+    def upload_weight(self, w, f32: bool = False):
+        if isinstance(w, QuantWeight):
+            return w
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def split_qkv(self, qkv, n_heads, n_kv_heads, head_dim):
+        checks.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
+        T, q_end, k_end = qkv.shape[0], n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
+        q = np.ascontiguousarray(qkv[:, :q_end]).reshape(T, n_heads, head_dim)
+        k = np.ascontiguousarray(qkv[:, q_end:k_end]).reshape(T, n_kv_heads, head_dim)
+        v = np.ascontiguousarray(qkv[:, k_end:]).reshape(T, n_kv_heads, head_dim)
+        return q, k, v
+
+    def take_rows(self, x, rows):
+        return x[rows]          # numpy raises IndexError for a row past the end
