@@ -29,14 +29,18 @@ def serial_and_parallel(driver, fastmath=False):
     without threads (prange is then a plain range) and with them.
 
     The threaded copy gets its own name, so numba's disk cache keeps the two
-    apart (it names cache files after the function).
+    apart (it names cache files after the function). Both use numpy's error
+    model, which `parallel=True` implies: a float division by zero gives inf
+    instead of raising, so numba puts no check before each division, and a
+    loop that divides (SiLU's sigmoid) can run as SIMD code in both twins,
+    which then give the same bits.
     """
-    serial = numba.njit(cache=True, fastmath=fastmath)(driver)
+    serial = numba.njit(cache=True, fastmath=fastmath, error_model="numpy")(driver)
     copy = types.FunctionType(driver.__code__, driver.__globals__, driver.__name__ + "_parallel",
                               driver.__defaults__, driver.__closure__)
     copy.__qualname__ = driver.__qualname__ + "_parallel"
     copy.__module__, copy.__doc__ = driver.__module__, driver.__doc__
-    parallel = numba.njit(parallel=True, cache=True, fastmath=fastmath)(copy)
+    parallel = numba.njit(parallel=True, cache=True, fastmath=fastmath, error_model="numpy")(copy)
     return serial, parallel
 
 

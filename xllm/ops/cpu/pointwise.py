@@ -1,23 +1,20 @@
-"""Row-wise operators: embedding, rmsnorm, rope, silu_mul, add and store_kv.
+"""Row-wise operators on the CPU: rmsnorm, rope, silu_mul and add.
 
-Each operator is written once as a function that handles one row (`_*_row`),
-and driven by two compiled loops over the rows: `_*_serial` and `_*_parallel`
-(a `prange`). The wrapper picks the parallel driver only for large inputs
-(see `common.PARALLEL_MIN_ELEMENTS`), because during decode these operators
-touch a few hundred floats and starting the threads would cost more than the
-work itself.
+The math of each is a body of xllm/ops/kernels/rows.py; the drivers below
+hand out the rows (elements, for add) in a `prange` loop. Each driver is
+compiled twice by `serial_and_parallel`, and the wrapper picks the threaded
+copy only for large inputs (see `common.PARALLEL_MIN_ELEMENTS`), because
+during decode these operators touch a few hundred floats and starting the
+threads would cost more than the work itself.
 
-Operators that index with runtime data (token ids, positions, cache slots)
-check every index first and return the first bad row (or -1), so a bad index
-raises a ValueError in the wrapper instead of reading or writing outside an
-array (compiled code has no bounds checks).
+rope indexes its tables with runtime data (positions): its driver checks
+every position first and returns the first bad row (or -1), so a bad
+position raises a ValueError in the wrapper instead of reading outside the
+tables (compiled code has no bounds checks).
 """
 
 from __future__ import annotations
 
-import math
-
-import numba
 import numpy as np
 from numba import prange
 
@@ -25,7 +22,7 @@ from .. import checks
 from . import common
 from .common import FAST, serial_and_parallel
 from .common import first_out_of_range as _first_out_of_range
-from .bodies import expf, rows
+from .bodies import rows
 
 
 # ---------------------------------------------------------------- rmsnorm
@@ -50,38 +47,18 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 # ---------------------------------------------------------------- rope
 
-@numba.njit(cache=True)
-def _rope_row(x, positions, cos, sin, out, t):
-    """Rotate every head of row t by the angles of position positions[t] (rotate-half)."""
-    H, hd = x.shape[1], x.shape[2]
-    half = hd // 2
-    pos = positions[t]
-    for h in range(H):
-        for i in range(half):
-            c = cos[pos, i]
-            s = sin[pos, i]
-            a = x[t, h, i]             # first half
-            b = x[t, h, i + half]      # second half
-            out[t, h, i] = a * c - b * s
-            out[t, h, i + half] = b * c + a * s
-
-
-@numba.njit(cache=True)
-def _rope_serial(x, positions, cos, sin, out):
-    bad = _first_out_of_range(positions, cos.shape[0])
-    if bad < 0:
-        for t in range(x.shape[0]):
-            _rope_row(x, positions, cos, sin, out, t)
-    return bad
-
-
-@numba.njit(parallel=True, cache=True)
-def _rope_parallel(x, positions, cos, sin, out):
+def _rope(x, positions, cos, sin, out):
     bad = _first_out_of_range(positions, cos.shape[0])
     if bad < 0:
         for t in prange(x.shape[0]):
-            _rope_row(x, positions, cos, sin, out, t)
+            pos = positions[t]
+            for h in range(x.shape[1]):
+                rows.rope_head(x, cos, sin, pos, out, t, h, 0, 1)
     return bad
+
+
+# Without fast-math, as always: each product of a * c - b * s is rounded on its own (no fused multiply-add).
+_rope_serial, _rope_parallel = serial_and_parallel(_rope)
 
 
 def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -89,56 +66,31 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray)
 
     cos, sin [P, hd // 2] from `rope_tables`; positions [T] int32, each < P.
     """
-    if (x.ndim != 3 or x.shape[2] % 2 or cos.shape != sin.shape or cos.ndim != 2
-            or cos.shape[1] != x.shape[2] // 2 or positions.shape != x.shape[:1]):
-        raise ValueError(f"rope: need x [T, H, hd] (hd even), positions [T], cos/sin [P, hd/2], got "
-                         f"{x.shape}, {positions.shape}, {cos.shape}, {sin.shape}")
+    checks.rope(x, positions, cos, sin)
     out = np.empty(x.shape, np.float32)
     run = _rope_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _rope_serial
     bad = run(x, positions, cos, sin, out)
     if bad >= 0:
-        raise ValueError(f"rope: positions[{bad}] = {positions[bad]} is outside the "
-                         f"{cos.shape[0]}-position tables")
+        raise checks.index_error(checks.BAD_POSITION, bad, positions[bad], cos.shape[0])
     return out
 
 
 # ---------------------------------------------------------------- silu_mul
 
-@numba.njit(cache=True, fastmath=FAST)
-def _silu_mul_row(gate_up, out, t):
-    """out[t, i] = silu(g) * u with g = gate_up[t, i], u = gate_up[t, F + i].
-
-    sigmoid(g) comes from e = exp(-|g|) <= 1, which cannot overflow:
-    1 / (1 + e) for g >= 0 and e / (1 + e) for g < 0. Both sides are
-    computed and one is selected, with the exp of expf.py, so the loop runs
-    as SIMD code.
-    """
-    F = out.shape[1]
-    one = np.float32(1.0)              # keeps the arithmetic in float32
-    for i in range(F):
-        g = gate_up[t, i]
-        u = gate_up[t, F + i]
-        e = expf.exp_nonpositive(-abs(g))
-        sig = (one if g >= 0 else e) / (one + e)
-        out[t, i] = g * sig * u
-
-
-@numba.njit(cache=True)
-def _silu_mul_serial(gate_up, out):
-    for t in range(gate_up.shape[0]):
-        _silu_mul_row(gate_up, out, t)
-
-
-@numba.njit(parallel=True, cache=True)
-def _silu_mul_parallel(gate_up, out):
+def _silu_mul(gate_up, out):
     for t in prange(gate_up.shape[0]):
-        _silu_mul_row(gate_up, out, t)
+        rows.silu_mul_row(gate_up, out, t, 0, 1)
+
+
+# Both twins run as SIMD code because they use numpy's error model (see
+# serial_and_parallel): with numba's default one, every `/` of the sigmoid is
+# checked for a zero divisor, and that branch kept the serial loop scalar.
+_silu_mul_serial, _silu_mul_parallel = serial_and_parallel(_silu_mul, fastmath=FAST)
 
 
 def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """SwiGLU activation: gate_up [T, 2F] -> new [T, F], silu(gate) * up."""
-    if gate_up.ndim != 2 or gate_up.shape[1] % 2:
-        raise ValueError(f"silu_mul: need gate_up [T, 2F], got {gate_up.shape}")
+    checks.silu_mul(gate_up)
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
     run = _silu_mul_parallel if gate_up.size >= common.PARALLEL_MIN_ELEMENTS else _silu_mul_serial
     run(gate_up, out)
@@ -147,25 +99,18 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- add
 
-@numba.njit(cache=True)
-def _add_serial(x, y, out):
-    for i in range(x.shape[0]):
-        out[i] = x[i] + y[i]
-
-
-@numba.njit(parallel=True, cache=True)
-def _add_parallel(x, y, out):
+def _add(x, y, out):
     for i in prange(x.shape[0]):
-        out[i] = x[i] + y[i]
+        rows.add(x, y, out, i)
+
+
+_add_serial, _add_parallel = serial_and_parallel(_add)
 
 
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x + y for two arrays of the same shape (any rank) -> new array."""
-    if x.shape != y.shape:
-        raise ValueError(f"add: shapes differ: {x.shape} vs {y.shape}")
+    checks.add(x, y)
     out = np.empty(x.shape, np.float32)
     run = _add_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _add_serial
     run(x.reshape(-1), y.reshape(-1), out.reshape(-1))
     return out
-
-
