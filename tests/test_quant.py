@@ -1,17 +1,13 @@
-"""Quantized weights: QuantWeight against gguf, the CPU kernels against the reference, the loader.
+"""Quantized weights: QuantWeight against gguf, and the loader.
 
 A QuantWeight stands for the float32 matrix `dequantize()` gives, so:
   * `dequantize` must equal gguf's own dequantizer bit for bit;
-  * every CPU operator on a QuantWeight must match the reference operator,
-    which is defined as the float32 operator on `dequantize()`;
-  * embedding and the many-token GEMM use the dequantized values themselves,
-    so they must equal the float32 kernels on `dequantize()` exactly;
   * loading a GGUF with keep_quant=True must give weights whose dequantize()
     is exactly what keep_quant=False loads.
 
-Matrices come from two sources: gguf.quants.quantize of random floats (what
-real files hold) and raw random blocks (every nibble and int8 value, any
-float16 scale), see `quant_weights`.
+The operators on quantized weights (linear, logits, embedding on every
+device) are tested in tests/test_ops_matmul.py, with the helpers below
+(`from_gguf`, `f16_scales`) making the weights.
 """
 
 from __future__ import annotations
@@ -26,14 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_loaders import random_weights, tiny_config, write_gguf
-from tests.test_ops_cpu import assert_close
 from xllm.loader import load_checkpoint
 from xllm.loader.dequant import keep_blocks
-from xllm.ops import get_ops
 from xllm.weights import FORMATS, QuantWeight, concat, is_quant
-
-cpu = get_ops("cpu")
-ref = get_ops("reference")
 
 EXAMPLES = settings(max_examples=30, deadline=None)
 QTYPE = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
@@ -51,47 +42,6 @@ def from_gguf(values: np.ndarray, fmt: str) -> tuple[QuantWeight, np.ndarray]:
 def f16_scales(rng, shape, low, high) -> np.ndarray:
     """Random scales that a GGUF can hold: float16 values, as float32."""
     return rng.uniform(low, high, shape).astype(np.float16).astype(np.float32)
-
-
-@st.composite
-def quant_weights(draw, fmt, N, K):
-    """A QuantWeight [N, K]: gguf-quantized random floats, or raw random blocks."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if draw(st.booleans()):
-        values = (rng.standard_normal((N, K)) * rng.uniform(0.01, 2.0)).astype(np.float32)
-        return from_gguf(values, fmt)[0]
-    nb = K // 32
-    d = f16_scales(rng, (N, nb), -0.1, 0.1)
-    if fmt == "q8_0":
-        return QuantWeight(fmt, rng.integers(-128, 128, (N, K), dtype=np.int8), d)
-    qs = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
-    m = f16_scales(rng, (N, nb), -1.0, 1.0) if fmt == "q4_1" else None
-    return QuantWeight(fmt, qs, d, m)
-
-
-def error_scale(x: np.ndarray, w: QuantWeight) -> float:
-    """The largest sum_k |x[t, k]| * (|d q| + |offset|)[n, k]: the size of the rounding errors.
-
-    The one-token kernels compute d * sum(q x) + offset * sum(x) for every
-    block, so their rounding error scales with the two parts separately, not
-    with |d q + offset| (which may be much smaller when the two cancel).
-    """
-    N, K = w.shape
-    if x.size == 0 or N == 0:
-        return 0.0
-    q = w.dequantize().astype(np.float64)
-    if w.format == "q4_1":
-        offset = np.repeat(w.m, 32, axis=1).astype(np.float64)
-    elif w.format == "q4_0":
-        offset = -8.0 * np.repeat(w.d, 32, axis=1).astype(np.float64)
-    else:
-        offset = np.zeros_like(q)
-    size = np.abs(q - offset) + np.abs(offset)
-    return float((np.abs(x.astype(np.float64)) @ size.T).max())
-
-
-def random_x(rng, T, K, bound=4.0) -> np.ndarray:
-    return rng.uniform(-bound, bound, (T, K)).astype(np.float32)
 
 
 shapes = st.tuples(st.integers(1, 70), st.integers(1, 10).map(lambda b: 32 * b))
@@ -192,98 +142,6 @@ def test_constructor_checks_the_arrays():
         QuantWeight("q4_0", np.zeros((2, 16), np.uint8), d, d)
     with pytest.raises(ValueError, match="d must be"):
         QuantWeight("q4_0", np.zeros((2, 16), np.uint8), d.astype(np.float64))
-
-
-# ---------------------------------------------------------------- the CPU operators
-
-@EXAMPLES
-@given(data=st.data(), fmt=st.sampled_from(FORMATS), T=st.integers(1, 40), shape=shapes)
-def test_linear(data, fmt, T, shape):
-    N, K = shape
-    w = data.draw(quant_weights(fmt, N, K))
-    x = random_x(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), T, K)
-    out = cpu.linear(x, w)
-    assert_close(out, ref.linear(x, w), scale=error_scale(x, w))
-    if T > 1:
-        # many tokens: the float32 GEMM on the dequantized rows, so exactly the float32 kernel's result
-        np.testing.assert_array_equal(out, cpu.linear(x, w.dequantize()))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_linear_one_token_at_every_row_count(fmt):
-    # The one-token kernels take rows in groups of four, a quarter of the matrix apart.
-    rng = np.random.default_rng(3)
-    for N in list(range(1, 18)) + [31, 33, 64, 99]:
-        w = from_gguf(rng.standard_normal((N, 64)).astype(np.float32), fmt)[0]
-        x = random_x(rng, 1, 64)
-        assert_close(cpu.linear(x, w), ref.linear(x, w), scale=error_scale(x, w))
-
-
-def test_linear_many_rows_and_long_rows():
-    # Bigger than the hypothesis shapes: several GEMM jobs, long rows (fewer rows per job).
-    rng = np.random.default_rng(4)
-    for fmt, N, K, T in [("q4_1", 257, 576, 1), ("q4_1", 257, 576, 7), ("q8_0", 130, 4096, 5),
-                         ("q4_0", 101, 3072, 1), ("q4_0", 101, 3072, 66)]:
-        w = from_gguf(rng.standard_normal((N, K)).astype(np.float32), fmt)[0]
-        x = random_x(rng, T, K)
-        assert_close(cpu.linear(x, w), ref.linear(x, w), scale=error_scale(x, w))
-
-
-def test_linear_rejects_mismatched_inner_dimension():
-    w = QuantWeight("q8_0", np.zeros((4, 64), np.int8), np.zeros((4, 2), np.float32))
-    with pytest.raises(ValueError, match="linear"):
-        cpu.linear(np.ones((2, 32), np.float32), w)
-    assert cpu.linear(np.ones((0, 64), np.float32), w).shape == (0, 4)
-
-
-@EXAMPLES
-@given(data=st.data(), fmt=st.sampled_from(FORMATS), T=st.integers(1, 20), shape=shapes)
-def test_logits_of_selected_rows(data, fmt, T, shape):
-    V, D = shape
-    w = data.draw(quant_weights(fmt, V, D))
-    x = random_x(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), T, D)
-    rows = np.array(data.draw(st.lists(st.integers(0, T - 1), min_size=1, max_size=T)), np.int32)
-    out = cpu.logits(x, rows, w)
-    assert out.shape == (len(rows), V)
-    assert_close(out, ref.logits(x, rows, w), scale=error_scale(x, w))
-
-
-@EXAMPLES
-@given(data=st.data(), fmt=st.sampled_from(FORMATS), shape=shapes, T=st.integers(0, 40), parallel=st.booleans())
-def test_embedding_is_the_dequantized_rows(data, fmt, shape, T, parallel):
-    from tests.ops_helpers import serial_or_parallel
-
-    V, D = shape
-    table = data.draw(quant_weights(fmt, V, D))
-    ids = np.array(data.draw(st.lists(st.integers(0, V - 1), min_size=T, max_size=T)), np.int32)
-    with serial_or_parallel(parallel):
-        out = cpu.embedding(table, ids)
-    assert out.dtype == np.float32 and out.shape == (T, D)
-    np.testing.assert_array_equal(out, ref.embedding(table, ids))
-    np.testing.assert_array_equal(out, table.dequantize()[ids])
-
-
-@pytest.mark.parametrize("bad_id", [-1, 5])
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_embedding_rejects_ids_outside_the_table(bad_id, fmt):
-    table = from_gguf(np.ones((5, 32), np.float32), fmt)[0]
-    with pytest.raises(ValueError, match=r"ids\[1\]"):
-        cpu.embedding(table, np.array([0, bad_id], np.int32))
-    with pytest.raises(ValueError):
-        ref.embedding(table, np.array([0, bad_id], np.int32))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 2, 9])
-def test_nan_in_x_gives_nan_out(fmt, T):
-    rng = np.random.default_rng(5)
-    w = from_gguf(rng.standard_normal((13, 96)).astype(np.float32), fmt)[0]
-    x = random_x(rng, T, 96)
-    x[T - 1, 37] = np.nan
-    out = cpu.linear(x, w)
-    assert np.isnan(out[T - 1]).all()             # every row of w meets the NaN
-    assert np.isfinite(out[: T - 1]).all()        # the other tokens are untouched
-    assert np.isnan(cpu.logits(x, np.array([T - 1], np.int32), w)).all()
 
 
 # ---------------------------------------------------------------- the loader

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..weights import weight_format
+from ..weights import QuantWeight, weight_format
 
 # ---------------------------------------------------------------- index errors found by kernels
 
@@ -107,6 +107,33 @@ def attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions) -> 
                          f"{tuple(block_table.shape)}, {tuple(cu_q.shape)}, {tuple(positions.shape)} for q {tuple(q.shape)}")
     if block_size < 1:
         raise ValueError(f"attention: block_size must be >= 1, got {block_size}")
+
+
+# ---------------------------------------------------------------- weights as the kernels read them
+
+_Q4_0_C, _Q4_1_C = np.float32(-8.0), np.float32(1.0)     # c of value = d * q + o * c
+
+
+def weight_arrays(w) -> tuple:
+    """The arrays (and constants) a linear or embedding kernel reads for the weight w.
+
+    Works on numpy and device arrays alike; the formats are those of xllm/weights.py
+    (the registry has already accepted w's format, and decode calls this per operator,
+    so it asks no more than it must):
+
+        f32           (w,)                  float32 [N, K]
+        f16           (w.view(uint16),)     its bits: kernels convert them (kernels/f16.py)
+        q8_0          (qs, d)               qs = w.blocks, int8 [N, K/32, 32]
+        q4_0, q4_1    (qs, d, o, c)         qs = w.blocks, uint8 [N, K/32, 16]; each value is
+                                            d * q + o * c: q4_1 o = m, c = 1; q4_0 o = d, c = -8
+    """
+    if not isinstance(w, QuantWeight):
+        return (w.view(np.uint16),) if w.dtype == np.float16 else (w,)
+    if w.m is not None:
+        return (w.blocks, w.d, w.m, _Q4_1_C)
+    if w.format == "q8_0":
+        return (w.blocks, w.d)
+    return (w.blocks, w.d, w.d, _Q4_0_C)
 
 
 # ---------------------------------------------------------------- KV cache formats

@@ -1,60 +1,85 @@
-"""embedding: row lookup out[t] = table[ids[t]] (being restructured onto the shared bodies)."""
+"""embedding: row lookup out[t] = table[ids[t]], for a table in any weight format.
+
+Float rows (f32, f16) are copied and widened to float32 (`qblock.widen_row`),
+quantized rows dequantized (`qblock.dequant_q8`, `dequant_q4`): the same
+bodies the GPU runs, and the same numbers as `QuantWeight.dequantize()`, bit
+for bit. Each driver checks every id before it reads a row and returns the
+first bad one (or -1); the wrapper raises it (checks.BAD_ID). Decode looks up
+one row, so the threaded twin runs only for large outputs
+(`common.PARALLEL_MIN_ELEMENTS`).
+"""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
-from ...weights import QuantWeight
+from ...weights import BLOCK
+from .. import checks
 from . import common
-from .common import first_out_of_range as _first_out_of_range
+from .bodies import qblock
+from .common import first_out_of_range, serial_and_parallel
 
 
-# ---------------------------------------------------------------- embedding
+# ---------------------------------------------------------------- drivers
 
-@numba.njit(cache=True)
-def _embedding_row(table, ids, out, t):
-    row = ids[t]
-    for i in range(table.shape[1]):
-        out[t, i] = table[row, i]
-
-
-@numba.njit(cache=True)
-def _embedding_serial(table, ids, out):
-    bad = _first_out_of_range(ids, table.shape[0])
-    if bad < 0:
-        for t in range(ids.shape[0]):
-            _embedding_row(table, ids, out, t)
-    return bad
-
-
-@numba.njit(parallel=True, cache=True)
-def _embedding_parallel(table, ids, out):
-    bad = _first_out_of_range(ids, table.shape[0])
+def _embedding_float(table, ids, out):
+    """table float32 or float16 bits [V, D]; out [T, D]."""
+    bad = first_out_of_range(ids, table.shape[0])
     if bad < 0:
         for t in prange(ids.shape[0]):
-            _embedding_row(table, ids, out, t)
+            qblock.widen_row(table, ids[t], out, t, 0, 1)
     return bad
 
 
-def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """out[t] = table[ids[t]].  table [V, D], ids [T] int32 -> new [T, D].
+def _embedding_q8(qs, d, ids, out):
+    """qs int8 [V, D/32, 32]; out [T, D/32, 32]."""
+    bad = first_out_of_range(ids, qs.shape[0])
+    if bad < 0:
+        for t in prange(ids.shape[0]):
+            qblock.dequant_q8(qs, d, ids[t], out, t, 0, 1)
+    return bad
 
-    table may also be a QuantWeight: its selected rows are dequantized (qmatmul.py).
-    """
-    if isinstance(table, QuantWeight):
-        return qmatmul.qembedding(table, ids, parallel=ids.shape[0] * table.shape[1] >= common.PARALLEL_MIN_ELEMENTS)
-    if table.ndim != 2 or ids.ndim != 1:
-        raise ValueError(f"embedding: need table [V, D] and ids [T], got {table.shape} and {ids.shape}")
-    out = np.empty((ids.shape[0], table.shape[1]), np.float32)
-    run = _embedding_parallel if out.size >= common.PARALLEL_MIN_ELEMENTS else _embedding_serial
-    bad = run(table, ids, out)
+
+def _embedding_q4(qs, d, o, c, ids, out):
+    """qs uint8 [V, D/32, 16]; out [T, D/32, 32]."""
+    bad = first_out_of_range(ids, qs.shape[0])
+    if bad < 0:
+        for t in prange(ids.shape[0]):
+            qblock.dequant_q4(qs, d, o, c, ids[t], out, t, 0, 1)
+    return bad
+
+
+# No fastmath: the rows must be exactly the table's numbers.
+_FLOAT = serial_and_parallel(_embedding_float)
+_Q8 = serial_and_parallel(_embedding_q8)
+_Q4 = serial_and_parallel(_embedding_q4)
+
+
+# ---------------------------------------------------------------- wrappers (shapes checked by Ops.embedding)
+
+def _lookup(drivers, table, ids, out, rows) -> np.ndarray:
+    """Run the serial or threaded driver on rows (out, or out as blocks); raise a bad id."""
+    serial, parallel = drivers
+    run = parallel if out.size >= common.PARALLEL_MIN_ELEMENTS else serial
+    bad = run(*checks.weight_arrays(table), ids, rows)
     if bad >= 0:
-        raise ValueError(f"embedding: ids[{bad}] = {ids[bad]} is not a row of the {table.shape[0]}-row table")
+        raise checks.index_error(checks.BAD_ID, bad, ids[bad], table.shape[0])
     return out
 
 
-from . import qmatmul  # noqa: E402
+def embedding_float(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """out[t] = table[ids[t]].  table float32 or float16 [V, D], ids [T] int32 -> new float32 [T, D]."""
+    out = np.empty((ids.shape[0], table.shape[1]), np.float32)
+    return _lookup(_FLOAT, table, ids, out, out)
 
-EMBEDDING = {fmt: embedding for fmt in ("f32", "q8_0", "q4_0", "q4_1")}    # weight format -> kernel
+
+def embedding_quant(table, ids: np.ndarray) -> np.ndarray:
+    """out[t] = table.dequantize()[ids[t]], dequantizing only those rows.  -> new float32 [T, D]."""
+    out = np.empty((ids.shape[0], table.shape[1]), np.float32)
+    blocks = out.reshape(ids.shape[0], table.shape[1] // BLOCK, BLOCK)
+    return _lookup(_Q8 if table.format == "q8_0" else _Q4, table, ids, out, blocks)
+
+
+EMBEDDING = {"f32": embedding_float, "f16": embedding_float,               # weight format -> kernel
+             "q8_0": embedding_quant, "q4_0": embedding_quant, "q4_1": embedding_quant}

@@ -1,9 +1,9 @@
-"""Matrix products: `linear` (y = x @ w.T) and `logits` (linear on chosen rows).
+"""linear (y = x @ w.T) for float weights: float32 ("f32") and float16 ("f16").
 
 The weight w is [N, K] with rows contiguous, and so is every token row of x,
-so each output y[t, n] is a dot product of two contiguous vectors. Both
-kernels below are built from that one idea; what differs is how many dot
-products share a pass over K.
+so each output y[t, n] is a dot product of two contiguous vectors
+(`qblock.dot`, the body the GPU uses too). The kernels differ in how many
+dot products share a pass over K.
 
 * One token (decode): `_gemv`. Every weight element is used exactly once, so
   the time is the time to stream w from memory. Threads split the output
@@ -16,10 +16,15 @@ products share a pass over K.
   does 12 multiply-adds with them, into 12 accumulators that LLVM turns into
   12 SIMD registers (AVX2 has 16). Tiles are grouped into blocks of 48 weight
   rows x 64 tokens: a block's weight rows (48 x K floats) stay in L2 while the
-  4 token rows of a tile stay in L1. Threads take blocks.
+  4 token rows of a tile stay in L1. Threads take blocks. The tiling is the
+  CPU's own; the GPU has other ways to reuse a weight.
 
-Quantized weights (`QuantWeight`) have their own kernels in qmatmul.py;
-`linear` hands them over.
+* float16 weights arrive as their bits (uint16, see `checks.weight_arrays`),
+  and `f16.widen` converts each element. The GEMV converts inside its dot
+  product (correct, not yet fast: the conversion does not vectorize). The
+  GEMM converts a block of rows into a float32 scratch matrix once
+  (`_gemm_f16`) and runs the tiles on it, as qmatmul.py does for the GGUF
+  block formats with `_gemm_block` and `scratch_jobs` from here.
 """
 
 from __future__ import annotations
@@ -28,23 +33,25 @@ import numba
 import numpy as np
 from numba import prange
 
-from ...weights import QuantWeight
+from .. import checks
+from .bodies import qblock
 from .common import FAST
 
 ROWS_PER_BLOCK = 48     # weight rows per work item of _gemm (a multiple of 3)
 TOKENS_PER_BLOCK = 64   # token rows per work item of _gemm (a multiple of 4)
+SCRATCH_BYTES = 384 << 10     # per worker of a converting GEMM: the float32 rows should stay in L2 (512 KiB)
 
+
+# ---------------------------------------------------------------- GEMV: one token
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
 def _gemv(x, w, out):
-    """out[0, n] = dot(x[0], w[n]) for every n; threads split the rows of w."""
-    N, K = w.shape
-    for n in prange(N):
-        acc = np.float32(0.0)
-        for k in range(K):
-            acc += x[0, k] * w[n, k]
-        out[0, n] = acc
+    """out[0, n] = dot(x[0], w[n]) for every n; w float32 or float16 bits; threads split the rows."""
+    for n in prange(w.shape[0]):
+        out[0, n] = qblock.dot(x, 0, w, n, 0, 1)
 
+
+# ---------------------------------------------------------------- GEMM: many tokens, float32 weights
 
 @numba.njit(cache=True, fastmath=FAST)
 def _tile_4x3(x, w, out, t, n, K):
@@ -80,20 +87,17 @@ def _tile_1x3(x, w, out, t, n, K):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _tile_1x1(x, w, out, t, n, K):
+def _tile_1x1(x, w, out, t, n):
     """out[t, n] = dot(x[t], w[n]): the tile for leftover weight rows."""
-    acc = np.float32(0.0)
-    for k in range(K):
-        acc += x[t, k] * w[n, k]
-    out[t, n] = acc
+    out[t, n] = qblock.dot(x, t, w, n, 0, 1)
 
 
 @numba.njit(cache=True, fastmath=FAST)
 def _gemm_block(x, w, out, n0, n1, t0, t1):
     """out[t0:t1, n0:n1] = x[t0:t1] @ w[n0:n1].T, in 4 x 3 tiles (and leftover tiles).
 
-    Also the inner part of the quantized GEMM (qmatmul.py), which calls it on
-    a block of weight rows it has just dequantized.
+    w is float32. Also the inner part of the converting GEMMs (`_gemm_f16`,
+    qmatmul.py), which call it on a block of rows they have just converted.
     """
     K = x.shape[1]
     n3 = n1 - (n1 - n0) % 3          # rows n0..n3 go in threes
@@ -106,7 +110,7 @@ def _gemm_block(x, w, out, n0, n1, t0, t1):
             _tile_1x3(x, w, out, t, n, K)
     for n in range(n3, n1):
         for t in range(t0, t1):
-            _tile_1x1(x, w, out, t, n, K)
+            _tile_1x1(x, w, out, t, n)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
@@ -122,15 +126,44 @@ def _gemm(x, w, out):
         _gemm_block(x, w, out, n0, min(n0 + ROWS_PER_BLOCK, N), t0, min(t0 + TOKENS_PER_BLOCK, T))
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32.
+# ---------------------------------------------------------------- GEMM: many tokens, converted rows
 
-    w may also be a QuantWeight (xllm/weights.py): then qmatmul.py computes it.
+def scratch_jobs(N: int, K: int) -> tuple[int, int]:
+    """(rows per job, workers) for a GEMM that converts rows into float32 scratch first.
+
+    A worker converts a block of rows (about SCRATCH_BYTES of float32, a
+    multiple of 3 rows for the tiles) and multiplies it with every token,
+    then the next block of its own: each worker takes one contiguous run of
+    blocks. Dealing the blocks out in turn made neighbouring output columns
+    belong to different threads, and where two of them share a cache line
+    (numpy aligns arrays to 16 bytes, not 64) the line bounced between the
+    cores on every store: contiguous runs were 8-19% faster at 32 tokens
+    (3072 x 576, a 2-core CPU).
     """
-    if isinstance(w, QuantWeight):
-        return qmatmul.qlinear(x, w)
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"linear: need x [T, K] and w [N, K], got {x.shape} and {w.shape}")
+    rows = max(3, min(ROWS_PER_BLOCK, SCRATCH_BYTES // (4 * max(K, 1)) // 3 * 3))
+    return rows, min(numba.get_num_threads(), -(-N // rows))
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _gemm_f16(x, w, rows_per_job, n_workers, out):
+    """out = x @ w.T for float16 bits w [N, K]: widen a block of rows, then the float32 tiles."""
+    T, K = x.shape
+    N = w.shape[0]
+    n_jobs = (N + rows_per_job - 1) // rows_per_job
+    for worker in prange(n_workers):
+        scratch = np.empty((rows_per_job, K), np.float32)    # this worker's, reused per job
+        for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
+            n0 = job * rows_per_job
+            rows = min(rows_per_job, N - n0)
+            for r in range(rows):
+                qblock.widen_row(w, n0 + r, scratch, r, 0, 1)
+            _gemm_block(x, scratch, out[:, n0:n0 + rows], 0, rows, 0, T)
+
+
+# ---------------------------------------------------------------- wrappers (shapes checked by Ops.linear)
+
+def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     if x.shape[0] == 1:
         _gemv(x, w, out)
@@ -139,16 +172,16 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def logits(x: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """linear(x[rows], w): the output projection of the rows that need logits.  -> [R, V].
+def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float16 -> new [T, N] float32."""
+    (bits,) = checks.weight_arrays(w)
+    T, N = x.shape[0], w.shape[0]
+    out = np.empty((T, N), np.float32)
+    if T == 1:
+        _gemv(x, bits, out)
+    elif T > 1 and N > 0:
+        _gemm_f16(x, bits, *scratch_jobs(N, x.shape[1]), out)
+    return out
 
-    `rows` indexes x like numpy does (x[rows] copies the chosen rows, and an
-    index past the end raises IndexError).
-    """
-    return linear(x[rows], w)
 
-
-# At the end: qmatmul imports _gemm_block and ROWS_PER_BLOCK from this module.
-from . import qmatmul  # noqa: E402
-
-LINEAR = {"f32": linear}      # weight format -> kernel (CpuOps.linear_kernels)
+LINEAR = {"f32": linear_f32, "f16": linear_f16}      # weight format -> kernel (CpuOps.linear_kernels)

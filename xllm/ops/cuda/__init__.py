@@ -31,6 +31,7 @@ activations are float32.
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import numpy as np
@@ -41,6 +42,7 @@ from ...weights import QuantWeight
 from .. import checks
 from ..interface import Ops
 from . import attention, embedding, kv_store, matmul, memory, pointwise
+from .reduce import WARP_LANES
 
 
 class CudaOps(Ops):
@@ -54,6 +56,10 @@ class CudaOps(Ops):
         # so it gets few of both (the kernels loop until their work is done).
         self.threads = 4 if self.simulator else 128
         self.max_blocks = 2 if self.simulator else 65535
+        if self.simulator:
+            # The simulator's block manager polls its threads while holding the GIL,
+            # so every syncthreads waited out Python's 5 ms thread switch interval.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
         self.err = self.zeros(4, np.int64)          # see errors.py
         self.linear_kernels = {fmt: partial(fn, self) for fmt, fn in matmul.LINEAR.items()}
         self.embedding_kernels = {fmt: partial(fn, self) for fmt, fn in embedding.EMBEDDING.items()}
@@ -70,6 +76,10 @@ class CudaOps(Ops):
         """Blocks for n work items (rows, heads): one each, up to `max_blocks`;
         the kernels walk their items in a loop (block b takes b, b + gridDim, ...)."""
         return min(n, self.max_blocks)
+
+    def warp_blocks(self, n: int) -> int:
+        """Blocks for n work items of one warp each (reduce.WARP_LANES threads; the matrix products)."""
+        return self.blocks(-(-n // (self.threads // WARP_LANES)))
 
     def check_errors(self) -> None:
         """Raise the index error a kernel reported (errors.py), and clear it."""
@@ -106,7 +116,7 @@ class CudaOps(Ops):
             return w.map_arrays(self.upload)
         w = np.asarray(w)
         if w.ndim == 2 and not f32:
-            return self.upload(w.astype(np.float16))
+            return self.upload(w.astype(np.float16))     # float16 stays, float32 narrows
         return self.upload(w.astype(np.float32))
 
     # ------------------------------------------------------------------ operators

@@ -1,8 +1,9 @@
-"""Sums and maxima across the threads of a block: the one place that differs
-between a real GPU and the simulator.
+"""Sums and maxima across threads: the one place that differs between a real
+GPU and the simulator.
 
     total = block_sum(value, scratch)      # every thread gets the block's total
     top = block_max(value, scratch)
+    total = warp_sum(value)                # every lane gets its warp's total
 
 `scratch` is a shared array of WARP elements of the value's type, made by the
 calling kernel (`cuda.shared.array(WARP, float32)`). Every thread of the block
@@ -14,6 +15,13 @@ The simulator has no warp shuffles; there a block has at most WARP threads
 (`CudaOps.threads`) and the values are added pairwise in shared memory.
 Both add in a tree, so neither is the CPU's left-to-right order: results
 agree with the CPU to rounding, not bit for bit.
+
+`warp_sum` serves kernels that give each output to one warp (the matrix
+products): the WARP_LANES lanes of a warp split the work and add up with
+shuffles alone, no barrier. Under the simulator, which has no shuffles, a
+warp is a single thread (WARP_LANES = 1) that does the whole of its output,
+so `warp_sum` has nothing to add; those kernels are written for any
+WARP_LANES, and the simulator checks them with the one it has.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from numba.core import config
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
+WARP_LANES = 1 if config.ENABLE_CUDASIM else WARP      # lanes that share one output (see the docstring)
 
 
 @cuda.jit(device=True)
@@ -89,3 +98,30 @@ def block_sum(value, scratch):
 def block_max(value, scratch):
     """The largest `value` over the threads of the block (NaN values passed over), returned to every thread."""
     return _reduce(value, scratch, True)
+
+
+@cuda.jit(device=True)
+def _warp_sum_shuffle(value):
+    offset = WARP // 2
+    while offset > 0:                    # butterfly: every lane ends with the total
+        value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
+        offset //= 2
+    return value
+
+
+@cuda.jit(device=True)
+def _warp_sum_one_lane(value):
+    return value
+
+
+_warp_sum = _warp_sum_one_lane if config.ENABLE_CUDASIM else _warp_sum_shuffle
+
+
+@cuda.jit(device=True)
+def warp_sum(value):
+    """The sum of `value` over the WARP_LANES lanes of this thread's warp, returned to each.
+
+    Every lane of the warp must call it (the loops that lead here must be the
+    same for the whole warp).
+    """
+    return _warp_sum(value)
