@@ -20,13 +20,12 @@ at a time read each key once per head, and took twice as long.
 Walking the keys block by block finds each slot with an addition instead of a
 division per key.
 
-The cache may store float32, float16 or int8 (see kv_storage.py). Each stored
-element goes through `widen` (float16 bits -> float32, int8 -> float32) as it
-is read, and int8 caches bring one scale per token per kv head, applied once
-per key rather than once per element:
-  dot(q, s_k * k_int8) = s_k * dot(q, k_int8)     and     w * (s_v * v_int8) = (w * s_v) * v_int8.
-For float caches the scales are None and the compiler drops those lines, so
-the float32 path is the same machine code as without storage formats.
+The math of each step is a body of xllm/ops/kernels/attend.py, shared with
+the GPU kernel (which orders the work differently: see that module). The
+cache may store float32, float16 or int8 (kernels/kv_format.py): each stored
+element is widened to float32 as it is read, and int8 scales are applied once
+per key. For float caches the scales are None and the compiler drops those
+lines, so the float32 path is the same machine code as without storage formats.
 """
 
 from __future__ import annotations
@@ -35,52 +34,47 @@ import numba
 import numpy as np
 from numba import prange
 
+from .. import checks
+from .bodies import attend
 from .common import FAST
-from .bodies import expf
-from .kv_storage import kernel_arrays, widen
 
-# Problems `_plan` can find, by the code it returns.
-_PLAN_ERRORS = {
-    1: "cu_q must start at 0, never decrease, and end at the number of query rows",
-    2: "a position is negative",
-    3: "a position needs a block beyond the end of its block_table row",
-    4: "a block_table entry in use is not a block of the cache",
-}
 
+# ---------------------------------------------------------------- checking the batch
 
 @numba.njit(cache=True)
 def _plan(T, n_slots, block_table, block_size, cu_q, positions):
     """Check the batch description and map each query row to its sequence.
 
     Returns (row_seq, code, where): row_seq[t] is the sequence of row t; code is
-    0 when everything is valid, else a key of _PLAN_ERRORS, and `where` the
-    offending query row (or sequence, for code 1).
+    0 when everything is valid, else one of checks.BAD_CU_Q, NEGATIVE_POSITION,
+    PAST_TABLE, BAD_BLOCK, and `where` the offending query row (or sequence,
+    for a cu_q that decreases). The rows of a sequence need the blocks of its
+    row with the highest position, so only that row's blocks are checked.
     """
     B = cu_q.shape[0] - 1
     row_seq = np.empty(T, np.int32)
     n_blocks = n_slots // block_size
-    if B < 0 or cu_q[0] != 0 or cu_q[B] != T:
-        return row_seq, 1, 0
+    if not attend.cu_q_ends_ok(cu_q, T):
+        return row_seq, checks.BAD_CU_Q, 0
     for b in range(B):
-        if cu_q[b + 1] < cu_q[b]:
-            return row_seq, 1, b
+        if attend.cu_q_decreases(cu_q, b):
+            return row_seq, checks.BAD_CU_Q, b
         last = -1                                  # the row of b with the highest position
         for t in range(cu_q[b], cu_q[b + 1]):
             row_seq[t] = b
             if positions[t] < 0:
-                return row_seq, 2, t
+                return row_seq, checks.NEGATIVE_POSITION, t
             if last < 0 or positions[t] > positions[last]:
                 last = t
         if last < 0:
             continue                               # no query rows for b in this batch
-        last_block = positions[last] // block_size
-        if last_block >= block_table.shape[1]:
-            return row_seq, 3, last
-        for blk in range(last_block + 1):
-            if block_table[b, blk] < 0 or block_table[b, blk] >= n_blocks:
-                return row_seq, 4, last
+        code = attend.check_row_blocks(block_table, b, positions[last], block_size, n_blocks, 0, 1)
+        if code:
+            return row_seq, code, last
     return row_seq, 0, 0
 
+
+# ---------------------------------------------------------------- one query row
 
 @numba.njit(cache=True, fastmath=FAST)
 def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t, n, scale, out,
@@ -93,8 +87,7 @@ def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t
     H, hd = q_scaled.shape
     group = H // k_cache.shape[1]          # query heads per kv head
     for h in range(H):
-        for d in range(hd):
-            q_scaled[h, d] = q[t, h, d] * scale
+        attend.scale_query(q, t, h, scale, q_scaled, h, 0, 1)
     n_blocks = (n + block_size - 1) // block_size
 
     # Pass 1: scores[h, p] = q_h . k_p. Each key is read from memory once and
@@ -106,31 +99,13 @@ def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t
         for j in range(min(block_size, n - p0)):
             slot = first_slot + j
             for h in range(H):
-                kvh = h // group
-                s = np.float32(0.0)
-                for d in range(hd):
-                    s += q_scaled[h, d] * widen(k_cache[slot, kvh, d])
-                if k_scale is not None:
-                    s *= k_scale[slot, kvh]      # NaN for a key stored from NaN/inf
-                scores[h, p0 + j] = s
+                scores[h, p0 + j] = attend.key_score(q_scaled, h, k_cache, k_scale, slot, h // group)
 
-    # Pass 2: per head, probabilities exp(score - max) / sum. (`s > m` is
-    # False for NaN, so a NaN score is never the maximum, but it turns the
-    # sum into NaN and so still reaches the output.) The loops over p run as
-    # SIMD code: exp_nonpositive is plain arithmetic (see expf.py).
+    # Pass 2: per head, probabilities exp(score - max) / sum.
     for h in range(H):
-        m = np.float32(-np.inf)
-        for p in range(n):
-            if scores[h, p] > m:
-                m = scores[h, p]
-        total = np.float32(0.0)
-        for p in range(n):
-            e = expf.exp_nonpositive(scores[h, p] - m)
-            scores[h, p] = e
-            total += e
-        inv_total = np.float32(1.0) / total
-        for p in range(n):
-            scores[h, p] *= inv_total
+        m = attend.row_max(scores, h, n)
+        total = attend.exp_and_sum(scores, h, n, m)
+        attend.scale_row(scores, h, n, np.float32(1.0) / total)
 
     # Pass 3: the probability-weighted sum of the values.
     acc[:, :] = 0.0
@@ -140,16 +115,13 @@ def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t
         for j in range(min(block_size, n - p0)):
             slot = first_slot + j
             for h in range(H):
-                kvh = h // group
-                weight = scores[h, p0 + j]
-                if v_scale is not None:
-                    weight *= v_scale[slot, kvh]
-                for d in range(hd):
-                    acc[h, d] += weight * widen(v_cache[slot, kvh, d])
+                attend.add_value(acc, h, scores[h, p0 + j], v_cache, v_scale, slot, h // group)
     for h in range(H):
         for d in range(hd):
             out[t, h, d] = acc[h, d]
 
+
+# ---------------------------------------------------------------- all rows
 
 @numba.njit(parallel=True, cache=True)
 def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq, positions, scale,
@@ -185,20 +157,11 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     float16, or int8 with k_scale and v_scale [S, Hkv] float32 (`scale` is
     the softmax scale, usually head_dim ** -0.5).
     """
-    if (q.ndim != 3 or k_cache.ndim != 3 or v_cache.shape != k_cache.shape
-            or q.shape[2] != k_cache.shape[2] or k_cache.shape[1] == 0
-            or q.shape[1] % k_cache.shape[1] != 0):
-        raise ValueError(f"attention: need q [T, H, hd] and caches [S, Hkv, hd] with H a multiple of Hkv, "
-                         f"got q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}")
-    if block_table.ndim != 2 or block_table.shape[0] != cu_q.shape[0] - 1 or positions.shape != q.shape[:1]:
-        raise ValueError(f"attention: need block_table [B, MAXB], cu_q [B+1], positions [T], got "
-                         f"{block_table.shape}, {cu_q.shape}, {positions.shape} for q {q.shape}")
-    if block_size < 1:
-        raise ValueError(f"attention: block_size must be >= 1, got {block_size}")
+    checks.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions)
     row_seq, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
     if code:
-        raise ValueError(f"attention: {_PLAN_ERRORS[code]} (at index {where})")
-    kc, vc = kernel_arrays("attention", k_cache, v_cache, k_scale, v_scale)
+        raise checks.index_error(code, where)
+    kc, vc = checks.kv_caches("attention", k_cache, v_cache, k_scale, v_scale)
     out = np.empty(q.shape, np.float32)
     workers = max(1, min(numba.get_num_threads(), q.shape[0]))
     _attention(q, kc, vc, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, workers, out)
