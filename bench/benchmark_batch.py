@@ -72,6 +72,7 @@ class OpTimer:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = fn(*args, **kwargs)
+            self.ops.synchronize()                     # a GPU's launches return before the work is done
             key = f"linear {args[1].shape[0]}x{args[1].shape[1]}" if name == "linear" else name
             rows = len(args[1]) if name == "embedding" else len(args[0])
             if name == "embedding":
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("-l", "--max-length", type=int, default=128, help="tokens generated per request")
     ap.add_argument("-b", "--batch", type=int, default=32, help="most requests running at once")
     ap.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16", "int8"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "cuda-sim"],
+                    help="where the model runs (default auto: a GPU when one works)")
     ap.add_argument("--kv-cache-mib", type=int, default=1024)
     ap.add_argument("--baseline", action="store_true",
                     help="also time one request alone (batch-1 decode), before and after the batch run")
@@ -149,10 +152,11 @@ def main(argv=None) -> int:
     if args.threads:
         numba.set_num_threads(args.threads)
     llm = LLM(args.model, args.tokenizer, kv_dtype=args.kv_dtype, kv_cache_bytes=args.kv_cache_mib << 20,
-              max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch))
+              max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch), device=args.device)
     prompts = build_prompts(args, llm)
     run(llm, prompts[:2], 4, 2, show_progress=False)   # warm-up: page in the weights
-    result = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "threads": numba.get_num_threads(),
+    result = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "device": llm.model.device,
+              "threads": numba.get_num_threads(),
               "kv_dtype": args.kv_dtype, "workload": args.file or "synthetic"}
     if not args.cold_kv:
         t0 = time.perf_counter()
@@ -205,4 +209,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench import run_main
+
+    sys.exit(run_main(main))

@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--file", "-f", required=True)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "cuda-sim"],
+                    help="where the model runs (default auto: a GPU when one works)")
     args = ap.parse_args(argv)
 
     import numba
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     if args.threads:
         numba.set_num_threads(args.threads)
     try:
-        model, tok, _ = load_model(args.model, args.tokenizer)
+        model, tok, _ = load_model(args.model, args.tokenizer, device=args.device)
         with open(args.file, encoding="utf-8") as f:
             ids = tok.encode(f.read())
         session = Session(model)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+# numba.cuda is the simulator or a real GPU for the life of a process (xllm/ops/__init__.py).
+# Without a GPU the tests use the simulator: say so before anything imports numba.cuda.
+from xllm.ops import _gpu_count  # noqa: E402
+
+if _gpu_count() == 0:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """`pytest -m gpu` (the GPU check) draws larger shapes for the CUDA operators (tests/ops_helpers.py)."""
+    if config.option.markexpr == "gpu":
+        os.environ.setdefault("XLLM_GPU_SHAPES", "1")
 
 
 def shared_file(name: str) -> Path:

@@ -15,7 +15,7 @@ from xllm.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    return LLM(str(smollm2_path), max_num_seqs=16, max_num_batched_tokens=256)
+    return LLM(str(smollm2_path), max_num_seqs=16, max_num_batched_tokens=256, device="cpu")
 
 
 def mixed_prompts(vocab: int) -> list[list[int]]:
@@ -85,7 +85,7 @@ def test_chat_turns_compute_only_their_new_tokens(llm):
 @pytest.mark.parametrize("kv_dtype", ["fp32", "fp16", "int8"])
 def test_engine_kv_pool_is_the_planners_figure(smollm2_path, kv_dtype):
     budget = 300 << 20
-    engine = LLM(str(smollm2_path), kv_dtype=kv_dtype, kv_cache_bytes=budget)
+    engine = LLM(str(smollm2_path), kv_dtype=kv_dtype, kv_cache_bytes=budget, device="cpu")
     config = engine.model.config
     blocks = planner.kv_pool_blocks(config, kv_dtype, 128, budget)
     assert engine.cache.num_blocks == blocks
@@ -100,7 +100,7 @@ def test_benchmark_batch_runs_and_reports_what_it_measured(smollm2_path, capsys)
     from bench.benchmark_batch import main
 
     assert main(["--model", str(smollm2_path), "--synthetic", "-n", "6", "-b", "3", "-l", "5",
-                 "--kv-cache-mib", "64", "--baseline", "--profile", "--json"]) == 0
+                 "--kv-cache-mib", "64", "--baseline", "--profile", "--json", "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["requests"] == 6 and r["generated_tokens"] == 6 * 5 and r["prompt_tokens"] == 5 + 13 + 27 + 51 + 5 + 13
     assert r["prompt_tokens_computed"] == r["prompt_tokens"]

@@ -12,6 +12,8 @@ from xllm.errors import XllmError
 from xllm.ops import DEVICES as KNOWN, MEMORY, OPS, DeviceNotAvailable, Ops, available_devices, get_ops, resolve_device
 from xllm.weights import QuantWeight
 
+pytestmark = pytest.mark.gpu       # `pytest -m gpu` runs these on a GPU (README)
+
 USABLE = DEVICES + ["reference"]
 
 

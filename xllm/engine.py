@@ -102,14 +102,25 @@ class EngineStats:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, *,
+    def __init__(self, model=None, tokenizer: str | None = None, *,
                  kv_dtype: str = "fp32", block_size: int = 128, kv_cache_bytes: int = 1 << 30,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, device: str = "cpu"):
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, device: str = "auto"):
+        """`model`: a checkpoint path (default: the default model), or a `Llama`
+        already built (then prompts are token ids unless `tokenizer` is given).
+        `device`: "auto" (a GPU when one works, else the CPU), "cpu", "cuda" or
+        "cuda-sim"; a built model brings its own."""
         from .download import default_model_path
         from .load import load_model
+        from .model import Llama
 
-        path = model or default_model_path()
-        self.model, self.tokenizer, self.metadata = load_model(path, tokenizer, device)
+        if isinstance(model, Llama):
+            from .tokenizer import load_tokenizer
+
+            self.model, self.metadata = model, {}
+            self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        else:
+            path = model or default_model_path()
+            self.model, self.tokenizer, self.metadata = load_model(path, tokenizer, device)
         config = self.model.config
         # The pool gets as many blocks as the planner says the budget pays for,
         # so `bench.plan` and the engine cannot disagree about KV memory.
@@ -117,7 +128,7 @@ class LLM:
         if num_blocks < 1:
             raise XllmError(f"a KV budget of {kv_cache_bytes} bytes holds no block of {block_size} tokens "
                             f"({planner.kv_pool_bytes(config, kv_dtype, block_size, 1)} bytes each)")
-        self.cache = KVCache(config, num_blocks, block_size, kv_dtype=kv_dtype)
+        self.cache = KVCache(config, num_blocks, block_size, kv_dtype=kv_dtype, device=self.model.ops)
         self.kv_pool_bytes = self.cache.pool_bytes
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -153,6 +164,8 @@ class LLM:
         index: dict[int, int] = {}
         now = time.perf_counter()
         for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, str) and self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: this LLM was given a model without one")
             ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos) if isinstance(prompt, str) else list(prompt)
             rid = self._next_id
             self._next_id += 1
@@ -160,7 +173,7 @@ class LLM:
             sched.add(Sequence(rid, ids, p.max_tokens))
             requests[rid] = _Request(out, p, self.tokenizer)
             index[rid] = i
-        eos = set(self.tokenizer.eos_ids) if self.tokenizer else set()
+        eos = set(self.tokenizer.eos_ids if self.tokenizer else self.model.config.eos_ids)
 
         try:
             while sched.has_unfinished():

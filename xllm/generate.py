@@ -23,7 +23,7 @@ class Session:
     def __init__(self, model: Llama, block_size: int = 128, prefill_chunk: int = 256, kv_dtype: str = "fp32"):
         self.model = model
         ctx = model.config.context_length
-        self.cache = KVCache(model.config, -(-ctx // block_size), block_size, kv_dtype)
+        self.cache = KVCache(model.config, -(-ctx // block_size), block_size, kv_dtype, device=model.ops)
         self.prefill_chunk = prefill_chunk
         self.ids: list[int] = []          # tokens whose keys/values are in the cache
         self.tokens_computed = 0          # rows run through the model, all calls together

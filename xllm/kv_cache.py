@@ -17,7 +17,11 @@ kv head (`k_scale`, `v_scale`, [num_blocks * block_size, n_kv_heads]): a
 token's head of head_dim numbers x is stored as round(x / s), s = max|x| / 127.
 `store_kv` narrows on the way in, `attention` widens as it reads; `layer(i)`
 gives the four arrays of layer i as those operators take them
-(see `xllm.ops.cpu.kv_storage` for the formats).
+(see `xllm/ops/kernels/kv_format.py` for the formats).
+
+The arrays live on a device (`device`, as for the model): one pool per kind
+(keys, values and their scales) of shape [n_layers, slots, ...], allocated
+through the device's `zeros`, and `layer(i)` hands out views of layer i.
 
 Example (block_size 4): a sequence of 6 tokens with block table [7, 2] keeps
 positions 0..3 in slots 28..31 and positions 4..5 in slots 8..9.
@@ -37,6 +41,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import XllmError
+from .ops import ops_for
 
 
 class OutOfBlocks(XllmError):
@@ -160,33 +165,38 @@ class KVCache:
 
     `kv_dtype` ("fp32", "fp16" or "int8") is how the arrays store a number;
     for int8, `k_scale` and `v_scale` are the per-layer scale arrays (else None).
+    `device` is where the arrays live (the model's device).
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128, kv_dtype: str = "fp32"):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 128, kv_dtype: str = "fp32",
+                 device="cpu"):
         _check_kv_dtype(kv_dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv_dtype = kv_dtype
+        self.ops = ops_for(device)
         S, L = num_blocks * block_size, config.n_layers
-        shape = (S, config.n_kv_heads, config.head_dim)
+        shape = (L, S, config.n_kv_heads, config.head_dim)
         dtype = KV_DTYPES[kv_dtype]
-        # np.zeros maps pages lazily: memory is touched only where tokens are written.
-        self.k = [np.zeros(shape, dtype) for _ in range(L)]
-        self.v = [np.zeros(shape, dtype) for _ in range(L)]
-        self.k_scale: list[np.ndarray] | None = None
-        self.v_scale: list[np.ndarray] | None = None
+        self.pools = [self.ops.zeros(shape, dtype), self.ops.zeros(shape, dtype)]       # keys, values
+        self.k = [self.pools[0][i] for i in range(L)]
+        self.v = [self.pools[1][i] for i in range(L)]
+        self.k_scale: list | None = None
+        self.v_scale: list | None = None
         if kv_dtype == "int8":
-            self.k_scale = [np.zeros(shape[:2], SCALE_DTYPE) for _ in range(L)]
-            self.v_scale = [np.zeros(shape[:2], SCALE_DTYPE) for _ in range(L)]
+            self.pools += [self.ops.zeros(shape[:3], SCALE_DTYPE), self.ops.zeros(shape[:3], SCALE_DTYPE)]
+            self.k_scale = [self.pools[2][i] for i in range(L)]
+            self.v_scale = [self.pools[3][i] for i in range(L)]
 
     @classmethod
     def for_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 128,
-                   kv_dtype: str = "fp32") -> "KVCache":
+                   kv_dtype: str = "fp32", device: str = "cpu") -> "KVCache":
         """A cache with as many blocks as `budget_bytes` pays for (at least one),
         counted by the planner, so its tables and the engine agree."""
         from .planner import kv_pool_blocks
 
         _check_kv_dtype(kv_dtype)
-        return cls(config, max(1, kv_pool_blocks(config, kv_dtype, block_size, budget_bytes)), block_size, kv_dtype)
+        return cls(config, max(1, kv_pool_blocks(config, kv_dtype, block_size, budget_bytes)), block_size, kv_dtype,
+                   device)
 
     def touch(self) -> None:
         """Write every page of the pool once.
@@ -201,9 +211,9 @@ class KVCache:
         """
         if self.blocks.used_blocks:
             raise RuntimeError(f"KVCache.touch would erase {self.blocks.used_blocks} blocks in use")
-        for arrays in (self.k, self.v, self.k_scale or [], self.v_scale or []):
-            for a in arrays:
-                a.fill(0)
+        for pool in self.pools:
+            if isinstance(pool, np.ndarray):     # device memory is resident from its allocation
+                pool.fill(0)
 
     def layer(self, i: int) -> KVLayer:
         """Layer i's arrays for the operators:
@@ -220,8 +230,7 @@ class KVCache:
     def pool_bytes(self) -> int:
         """Bytes of every array of the cache, scales included (all of the
         pool, written or not: what the budget pays for)."""
-        arrays = self.k + self.v + (self.k_scale or []) + (self.v_scale or [])
-        return sum(a.nbytes for a in arrays)
+        return sum(int(pool.nbytes) for pool in self.pools)
 
     # The bookkeeping lives in self.blocks; these names keep the cache's own API.
     @property

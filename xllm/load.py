@@ -146,7 +146,13 @@ def load_tokenizer_for(path, kind: str, metadata: dict, tokenizer_path=None):
 
 
 def load_model(path, tokenizer_path=None, device: str = "cpu", use_cache: bool = True, keep_quant: bool = True):
-    """(Llama, tokenizer, metadata) for the checkpoint at `path`."""
+    """(Llama, tokenizer, metadata) for the checkpoint at `path`, its weights on `device`.
+
+    keep_quant=False (the CLIs' --f32) makes every weight float32, on the GPU too.
+    """
+    from .ops import get_ops, resolve_device
+
+    get_ops(resolve_device(device))          # an unusable device fails before the slow part
     config, weights, metadata, kind = load_prepared(path, use_cache, keep_quant)
     tokenizer = load_tokenizer_for(path, kind, metadata, tokenizer_path)
-    return Llama(config, weights, device), tokenizer, metadata
+    return Llama(config, weights, device, f32=not keep_quant), tokenizer, metadata

@@ -30,11 +30,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise tokens already seen (1.0 = off)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "cuda-sim"], default="auto",
+                   help="where the model runs (default auto: a GPU when one works, else the CPU)")
     p.add_argument("--system", default=None, help="system prompt (default: the model's own, if any)")
     p.add_argument("--chat-format", choices=["auto", "chatml", "llama2", "raw"], default="auto",
                    help="how turns become tokens (default: from the model's files); raw = plain completion")
     p.add_argument("--f32", action="store_true",
-                   help="dequantize every weight to float32 at load (the default keeps GGUF Q8_0/Q4_0/Q4_1 blocks, same values)")
+                   help="every weight float32 (the default keeps GGUF Q8_0/Q4_0/Q4_1 blocks, same values, "
+                        "and stores float matrices as float16 on a GPU)")
     p.add_argument("--kv-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="how the KV cache stores keys and values (int8: one scale per token per head)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prepared-weights cache")
@@ -69,8 +72,12 @@ def run(args) -> int:
     except ValueError as e:
         raise XllmError(str(e)) from None
 
+    from .ops import get_ops, resolve_device
+
+    get_ops(resolve_device(args.device))     # a device that cannot run fails before the download
     path = args.model or default_model_path(log=lambda m: print(m, file=sys.stderr))
-    model, tok, metadata = load_model(path, args.tokenizer, use_cache=not args.no_cache, keep_quant=not args.f32)
+    model, tok, metadata = load_model(path, args.tokenizer, device=args.device, use_cache=not args.no_cache,
+                                      keep_quant=not args.f32)
     fmt, default_system = detect_format(tok, metadata)
     if args.chat_format != "auto":
         fmt = FORMATS[args.chat_format]()
@@ -96,7 +103,8 @@ def run(args) -> int:
         return 0
 
     name = metadata.get("general.name") or os.path.basename(str(path))
-    print(f"xllm: chatting with {name} ({fmt.name} format). /reset starts over, /exit leaves, Ctrl-C stops an answer.",
+    print(f"xllm: chatting with {name} ({fmt.name} format, on {model.device}). /reset starts over, /exit leaves, "
+          "Ctrl-C stops an answer.",
           file=sys.stderr)
     while True:
         try:

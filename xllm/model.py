@@ -1,7 +1,11 @@
 """The Llama forward pass, written once for every device.
 
-It calls only the operators of the device registry (`xllm.ops.get_ops`), so
-the same code runs the numba CPU kernels, the numpy reference, or a GPU.
+It calls only the operators and memory functions of the device registry
+(`xllm.ops.get_ops`, interface in `xllm/ops/interface.py`), so the same code
+runs the numba CPU kernels, the numpy reference, or the CUDA kernels (on a
+GPU or under the simulator). Weights go to the device once, when the model
+is built; each step uploads the batch's few index arrays and downloads only
+the logits of the rows that sample.
 
 The input is a *ragged batch*: the tokens of several sequences laid end to
 end, with no padding. Sequence b owns rows cu_q[b]..cu_q[b+1]-1 of every
@@ -28,7 +32,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .ops import get_ops
+from .ops import ops_for
 from .weights import concat as quant_concat, is_quant
 
 
@@ -68,6 +72,7 @@ def prepare_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict
     The q, k and v projections are stacked into one matrix (one pass over the
     activations instead of three), and so are the gate and up projections.
     The output projection is the embedding table when the model ties them.
+    Matrices keep their storage (QuantWeight blocks, float16); the rest becomes float32.
     """
     out = {"tok_embeddings": weights["tok_embeddings"], "norm": weights["norm"]}
     out["output"] = weights["tok_embeddings"] if config.tied_embeddings else weights["output"]
@@ -79,7 +84,8 @@ def prepare_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict
         out[p + "wo"] = weights[p + "wo"]
         out[p + "w_gate_up"] = _stack([weights[p + "w_gate"], weights[p + "w_up"]])
         out[p + "w_down"] = weights[p + "w_down"]
-    return {k: v if is_quant(v) else np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    return {k: v if is_quant(v) or v.dtype == np.float16 else np.ascontiguousarray(v, dtype=np.float32)
+            for k, v in out.items()}
 
 
 def _stack(parts):
@@ -91,37 +97,49 @@ def _stack(parts):
 
 
 class Llama:
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], device: str = "cpu"):
-        """`weights` in the layout of `prepare_weights`."""
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], device="cpu", f32: bool = False):
+        """`weights` in the layout of `prepare_weights`, on the host.
+
+        `device`: "cpu", "cuda", "cuda-sim", "reference", "auto" (a GPU when
+        one works), or an `Ops` object. The weights are uploaded once; a GPU stores float matrices
+        as float16 unless `f32` (GGUF blocks stay as they are everywhere).
+        """
         self.config = config
-        self.ops = get_ops(device)
-        self.w = weights
+        self.ops = ops_for(device)
+        self.device = self.ops.name
+        uploaded: dict[int, object] = {}        # tied embeddings: one upload for both names
+        self.w = {}
+        for name, w in weights.items():
+            if id(w) not in uploaded:
+                uploaded[id(w)] = self.ops.upload_weight(w, f32)
+            self.w[name] = uploaded[id(w)]
         self.cos, self.sin = self.ops.rope_tables(config.rope_theta, config.head_dim, config.context_length)
         self.scale = float(config.head_dim) ** -0.5
 
     def forward(self, batch: Batch, cache: KVCache, logit_rows: np.ndarray) -> np.ndarray:
         """Run every row of `batch` through the model, writing its keys and values
-        into `cache`; return the logits [len(logit_rows), vocab] of the chosen rows."""
+        into `cache` (on the model's device); return the logits
+        [len(logit_rows), vocab] of the chosen rows, as a numpy array."""
         c, ops, w = self.config, self.ops, self.w
         if batch.positions.size and int(batch.positions.max()) >= c.context_length:
             raise ValueError(f"position {int(batch.positions.max())} is past the model's context length {c.context_length}")
         T, H, KV, hd = len(batch.tokens), c.n_heads, c.n_kv_heads, c.head_dim
-        x = ops.embedding(w["tok_embeddings"], batch.tokens)
+        positions, cu_q = ops.upload(batch.positions), ops.upload(batch.cu_q)
+        block_table, slots = ops.upload(batch.block_table), ops.upload(batch.slot_mapping)
+        x = ops.embedding(w["tok_embeddings"], ops.upload(batch.tokens))
         for i in range(c.n_layers):
             p = f"layers.{i}."
             h = ops.rmsnorm(x, w[p + "attn_norm"], c.rms_eps)
-            qkv = ops.linear(h, w[p + "wqkv"])
-            q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)
-            k = np.ascontiguousarray(qkv[:, H * hd : (H + KV) * hd]).reshape(T, KV, hd)
-            v = np.ascontiguousarray(qkv[:, (H + KV) * hd :]).reshape(T, KV, hd)
-            q = ops.rope(q, batch.positions, self.cos, self.sin)
-            k = ops.rope(k, batch.positions, self.cos, self.sin)
+            q, k, v = ops.split_qkv(ops.linear(h, w[p + "wqkv"]), H, KV, hd)
+            q = ops.rope(q, positions, self.cos, self.sin)
+            k = ops.rope(k, positions, self.cos, self.sin)
             kv = cache.layer(i)   # fp32, fp16, or int8 with per-token scales
-            ops.store_kv(k, v, kv.k, kv.v, batch.slot_mapping, kv.k_scale, kv.v_scale)
-            a = ops.attention(q, kv.k, kv.v, batch.block_table, cache.block_size,
-                              batch.cu_q, batch.positions, self.scale, kv.k_scale, kv.v_scale)
+            ops.store_kv(k, v, kv.k, kv.v, slots, kv.k_scale, kv.v_scale)
+            a = ops.attention(q, kv.k, kv.v, block_table, cache.block_size, cu_q, positions, self.scale,
+                              kv.k_scale, kv.v_scale)
             x = ops.add(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]))
             h = ops.rmsnorm(x, w[p + "ffn_norm"], c.rms_eps)
             x = ops.add(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]))
         x = ops.rmsnorm(x, w["norm"], c.rms_eps)
-        return ops.logits(x, np.asarray(logit_rows, np.int32), w["output"])
+        rows = ops.upload(np.asarray(logit_rows, np.int32))
+        return ops.download(ops.logits(x, rows, w["output"]))

@@ -250,30 +250,37 @@ class _Frame:
     def drop(self, name: str) -> None:
         del self.live[name]
 
-    def assign(self, name: str, step: str, rows: Poly, logit_rows: Poly = None) -> None:
-        self.new(name + "'", step, rows, logit_rows)
+    def rebind(self, name: str) -> None:
+        """name = name' (the array made as name'): the old array of name is freed."""
         self.live.pop(name, None)
         self.live[name] = self.live.pop(name + "'")
+
+    def assign(self, name: str, step: str, rows: Poly, logit_rows: Poly = None) -> None:
+        self.new(name + "'", step, rows, logit_rows)
+        self.rebind(name)
 
 
 def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype: str = "fp32") -> ActivationPeak:
     """Peak live activation bytes of `Llama.forward` for `tokens` rows, `logit_rows` of them projected to logits.
 
     Replays xllm/model.py line by line (each operator returns a new array;
-    the q/k/v slices are copied by np.ascontiguousarray). For Llama-2-7B in
-    prefill the peak is at silu_mul, where x, h, qkv, q, k, v, attn,
-    gate_up and its silu output are alive: T(9h1+3h2) floats. In decode the
-    logits often dominate: T(9h1) + R(h1+v) with the gathered rows.
+    split_qkv copies the columns of qkv into q, k and v, and qkv, which no
+    name holds, is freed as soon as they exist). For Llama-2-7B in prefill
+    the peak is at silu_mul, where x, h, q, k, v, attn, gate_up and its silu
+    output are alive: T(6h1+3h2) floats. In decode the logits often
+    dominate: T(6h1) + R(h1+v) with the gathered rows.
     """
     f = _Frame({**_symbols(config), "T": ("T", tokens), "R": ("R", logit_rows)}, _width(act_dtype))
     h1, qkv = {("h1",): 1}, {("hq",): 1, ("hkv",): 2}
     f.assign("x", "x = embedding(tokens)", h1)
     for _ in range(config.n_layers):
         f.assign("h", "h = rmsnorm(x)", h1)
-        f.assign("qkv", "qkv = linear(h, wqkv)", qkv)
-        f.assign("q", "q = copy of qkv[:, q]", {("hq",): 1})
-        f.assign("k", "k = copy of qkv[:, k]", {("hkv",): 1})
-        f.assign("v", "v = copy of qkv[:, v]", {("hkv",): 1})
+        f.new("qkv", "linear(h, wqkv)", qkv)
+        for name, rows in (("q", {("hq",): 1}), ("k", {("hkv",): 1}), ("v", {("hkv",): 1})):
+            f.new(name + "'", "q, k, v = split_qkv(qkv)", rows)      # copies, made before the names rebind
+        for name in ("q", "k", "v"):
+            f.rebind(name)
+        f.drop("qkv")
         f.assign("q", "q = rope(q)", {("hq",): 1})
         f.assign("k", "k = rope(k)", {("hkv",): 1})
         f.assign("attn", "attn = attention(q, cache)", {("hq",): 1})

@@ -34,7 +34,7 @@ from ..errors import XllmError
 from .interface import MEMORY, OPS, HostOps, Ops
 
 __all__ = ["DEVICES", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "Ops", "available_devices",
-           "get_ops", "resolve_device"]
+           "get_ops", "ops_for", "resolve_device"]
 
 DEVICES = ("cpu", "reference", "cuda", "cuda-sim")
 
@@ -79,6 +79,11 @@ def resolve_device(device: str) -> str:
     if device not in DEVICES:
         raise DeviceNotAvailable(f"unknown device {device!r}; choose auto, {', '.join(DEVICES)}")
     return device
+
+
+def ops_for(device) -> Ops:
+    """The operators of `device`: a name ("auto" included) or an `Ops` object, used as it is."""
+    return device if isinstance(device, Ops) else get_ops(resolve_device(device))
 
 
 # ---------------------------------------------------------------- finding numba.cuda and a GPU

@@ -66,8 +66,13 @@ class Ops:
         raise NotImplementedError
 
     def upload_weight(self, w, f32: bool = False):
-        """A weight as this device computes with it. `f32` keeps float matrices in
-        float32 where the device would otherwise store them narrower."""
+        """A weight (array or QuantWeight) as this device computes with it.
+
+        GGUF blocks and float16 matrices keep their format; a float32 matrix
+        takes the device's preferred storage (float16 on a GPU, float32 on the
+        CPU); vectors (norms) are float32. `f32=True` makes every float matrix
+        float32 instead.
+        """
         raise NotImplementedError
 
     def split_qkv(self, qkv, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -155,16 +160,16 @@ class HostOps(Ops):
         return np.zeros(shape, dtype)
 
     def upload_weight(self, w, f32: bool = False):
-        if isinstance(w, QuantWeight):
+        if isinstance(w, QuantWeight) or (w.dtype == np.float16 and w.ndim == 2 and not f32):
             return w
         return np.ascontiguousarray(w, dtype=np.float32)
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, head_dim):
         checks.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
         T, q_end, k_end = qkv.shape[0], n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
-        q = np.ascontiguousarray(qkv[:, :q_end]).reshape(T, n_heads, head_dim)
-        k = np.ascontiguousarray(qkv[:, q_end:k_end]).reshape(T, n_kv_heads, head_dim)
-        v = np.ascontiguousarray(qkv[:, k_end:]).reshape(T, n_kv_heads, head_dim)
+        q = qkv[:, :q_end].copy().reshape(T, n_heads, head_dim)       # copies even of one row, so
+        k = qkv[:, q_end:k_end].copy().reshape(T, n_kv_heads, head_dim)   # that qkv is freed at once
+        v = qkv[:, k_end:].copy().reshape(T, n_kv_heads, head_dim)
         return q, k, v
 
     def take_rows(self, x, rows):

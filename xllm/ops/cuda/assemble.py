@@ -153,10 +153,23 @@ def make_assemble_ops(archs: list[str], log=print):
 
 
 def exercise(ops) -> None:
-    """Run every operator the way the engine does, in every format (see the module docstring)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    ops.rmsnorm(ops.upload(x), ops.upload(np.ones(64, np.float32)), 1e-5)
+    """Run the tiny model the way the engine does, in every weight and KV cache format.
+
+    Each model runs one step with two sequences prefilling (several rows:
+    the GEMM paths) and one decoding step (one row: the GEMV paths).
+    """
+    from xllm.kv_cache import KVCache
+    from xllm.model import Batch
+    from xllm.testing import tiny_llama
+    from xllm.weights import WEIGHT_FORMATS
+
+    for weight_format in WEIGHT_FORMATS:
+        model = tiny_llama(ops, weight_format=weight_format)
+        for kv_dtype in ("fp32", "fp16", "int8"):
+            cache = KVCache(model.config, num_blocks=4, block_size=4, kv_dtype=kv_dtype, device=ops)
+            model.forward(Batch.build(cache, [(0, [1, 2, 3, 4, 5]), (1, [6, 7])]), cache, np.array([4, 6]))
+            model.forward(Batch.build(cache, [(0, [9])]), cache, np.array([0]))
+    tiny_llama(ops, f32=False)                   # float32 matrices stored as float16
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ Rules for a body (both compilers must accept it):
     (scratch comes from the caller);
   * call only other bodies of this package, `math`, and numpy scalar types
     and functions that numba.cuda also supports (np.float32, np.floor, ...);
-  * per-dtype work is an explicit function (`kv_format.f16_bits_to_f32`),
+  * per-dtype work is an explicit function (`f16.f16_bits_to_f32`),
     chosen by the caller, not by overloading on the argument's type.
 
     compile_bodies(compile) -> every module of this package, its bodies compiled
