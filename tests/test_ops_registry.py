@@ -104,3 +104,26 @@ def test_upload_download_zeros_and_weights(device):
     qd = ops.upload_weight(q)
     assert qd.format == "q8_0" and qd.shape == (2, 32)
     np.testing.assert_array_equal(ops.download(qd.d), q.d)
+
+
+def test_the_cpu_disk_cache_is_stamped_with_the_kernel_bodies(tmp_path, monkeypatch):
+    """An edited body must recompile the CPU drivers that inline it (numba's cache alone
+    knows only the driver's own file): the drivers' cache stamp covers xllm/ops/kernels/."""
+    import shutil
+
+    from xllm.ops.cpu import bodies, pointwise
+
+    locator = pointwise._rmsnorm_serial._cache._impl.locator
+    assert isinstance(locator, bodies._BodiesAwareLocator)
+    stamp = locator.get_source_stamp()
+    copy = tmp_path / "kernels"
+    shutil.copytree(bodies._KERNELS_DIR, copy)
+    monkeypatch.setattr(bodies, "_KERNELS_DIR", copy)
+    bodies._bodies_stamp.cache_clear()
+    try:
+        assert locator.get_source_stamp() == stamp                        # same sources, same stamp
+        (copy / "rows.py").write_text((copy / "rows.py").read_text() + "\n# edited\n")
+        bodies._bodies_stamp.cache_clear()
+        assert locator.get_source_stamp() != stamp
+    finally:
+        bodies._bodies_stamp.cache_clear()
