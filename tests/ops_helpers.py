@@ -17,6 +17,7 @@ the expected array does not have, so a kernel that returns NaN cannot pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -83,6 +84,41 @@ def upload_weight(device: str, w):
     (the model's `upload_weight` would store float32 matrices as float16 on a GPU)."""
     ops = get_ops(device)
     return w.map_arrays(ops.upload) if hasattr(w, "map_arrays") else ops.upload(w)
+
+
+cuda = None       # numba.cuda, imported by _elementwise_kernel once get_ops has chosen the GPU or the simulator
+
+
+@functools.cache
+def _elementwise_kernel(module: str, name: str):
+    """A kernel out[i] = body(x[i]), an element a thread, for the body `name` of
+    xllm/ops/kernels/<module>.py as the GPU kernels compile it (cuda/bodies.py).
+
+    `cuda` must be a global of the kernel: the simulator runs it with the
+    module globals bound to numba.cuda swapped for its own.
+    """
+    global cuda
+    from numba import cuda
+
+    from xllm.ops.cuda import bodies
+
+    body = getattr(getattr(bodies, module), name)
+
+    @cuda.jit
+    def kernel(x, out):
+        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+            out[i] = body(x[i])
+
+    return kernel
+
+
+def gpu_elementwise(device: str, module: str, name: str, x: np.ndarray, out_dtype) -> np.ndarray:
+    """<module>.<name>(x[i]) for every element of the 1-D array x, by the body compiled for
+    the GPU, run on the CUDA `device`."""
+    ops = get_ops(device)
+    out = ops.empty(x.shape, out_dtype)
+    ops.launch(_elementwise_kernel(module, name), ops.blocks(64), ops.threads, ops.upload(x), out)
+    return ops.download(out)
 
 
 # ---------------------------------------------------------------- comparisons

@@ -11,7 +11,6 @@ store_kv and attention in every format, on every device: tests/test_ops_attentio
 
 from __future__ import annotations
 
-import functools
 
 import numba
 import numpy as np
@@ -19,12 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.ops_helpers import CUDA_DEVICE, f32_arrays
+from tests.ops_helpers import CUDA_DEVICE, f32_arrays, gpu_elementwise
 from tests.test_ops_attention import DTYPES
 from xllm import planner
 from xllm.config import ModelConfig
 from xllm.kv_cache import KVCache
-from xllm.ops import get_ops
 from xllm.ops.cpu.bodies import f16
 from xllm.ops.reference import quantize_kv_int8
 from xllm.planner import kv_bytes_per_token
@@ -83,57 +81,23 @@ def test_f32_to_f16_is_numpy_for_any_bits_nan_payloads_included(words):
     np.testing.assert_array_equal(encode(x), numpy_f16_bits(x))
 
 
-cuda = None       # numba.cuda, imported by _gpu_converters once get_ops has chosen the GPU or the simulator
-
-
-@functools.cache
-def _gpu_converters():
-    """(encode, decode) kernels running the bodies as compiled for the GPU, an element a thread.
-
-    `cuda` must be a global of the kernels: the simulator runs them with the
-    module globals bound to numba.cuda swapped for its own.
-    """
-    global cuda
-    from numba import cuda
-
-    from xllm.ops.cuda.bodies import f16 as gpu_f16
-
-    to_bits, to_f32 = gpu_f16.f32_to_f16_bits, gpu_f16.f16_bits_to_f32
-
-    @cuda.jit
-    def encode_kernel(x, out):
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            out[i] = to_bits(x[i])
-
-    @cuda.jit
-    def decode_kernel(h, out):
-        for i in range(cuda.grid(1), h.shape[0], cuda.gridsize(1)):
-            out[i] = to_f32(h[i])
-
-    return encode_kernel, decode_kernel
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("device", [d for d in [CUDA_DEVICE] if d])
 def test_the_bodies_compiled_for_the_gpu_convert_like_numpy_on_a_sample(device):
     """A few hundred values on the CUDA device: ties, random bits (NaN payloads
     included), the overflow edge and subnormals both ways."""
-    ops = get_ops(device)
-    encode_kernel, decode_kernel = _gpu_converters()
     rng = np.random.default_rng(0)
     below = rng.integers(0, 0x7BFF, 100).astype(np.uint16)        # a float16 and the next one up
     ties = (below.view(np.float16).astype(np.float64) + (below + 1).view(np.float16).astype(np.float64)) / 2
     x = np.concatenate([ties, rng.integers(0, 2**32, 150, dtype=np.uint64).astype(np.uint32).view(np.float32),
                         [np.inf, np.nan, 65504.0, 65520.0, 65519.996, 1e-45, 2.0 ** -25, 2.0 ** -24, 6.1e-5]])
     x = np.concatenate([x, -x]).astype(np.float32)
-    bits = ops.empty(x.shape, np.uint16)
-    ops.launch(encode_kernel, ops.blocks(8), ops.threads, ops.upload(x), bits)
-    np.testing.assert_array_equal(ops.download(bits), numpy_f16_bits(x))
+    bits = gpu_elementwise(device, "f16", "f32_to_f16_bits", x, np.uint16)
+    np.testing.assert_array_equal(bits, numpy_f16_bits(x))
     h = np.concatenate([rng.integers(0, 1 << 16, 250), [0, 1, 0x3FF, 0x400, 0x7BFF, 0x7C00, 0x7C01, 0x7FFF,
                                                        0x8000, 0x83FF, 0xFC00, 0xFE00]]).astype(np.uint16)
-    values = ops.empty(h.shape, np.float32)
-    ops.launch(decode_kernel, ops.blocks(8), ops.threads, ops.upload(h), values)
-    np.testing.assert_array_equal(ops.download(values).view(np.uint32),
+    values = gpu_elementwise(device, "f16", "f16_bits_to_f32", h, np.float32)
+    np.testing.assert_array_equal(values.view(np.uint32),
                                   h.view(np.float16).astype(np.float32).view(np.uint32))
 
 

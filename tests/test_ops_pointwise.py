@@ -9,7 +9,6 @@ exp_nonpositive, with the body compiled for the CPU and for the GPU.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numba
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tests.ops_helpers import (DEVICES, EXAMPLES, FEW_EXAMPLES, assert_close, check_on, device_params, f32_arrays, on,
-                               parallel_flags, ref, serial_or_parallel, size)
+                               gpu_elementwise, parallel_flags, ref, serial_or_parallel, size)
 from xllm.ops import get_ops
 from xllm.ops.cpu.bodies import expf
 from xllm.ops.cpu.common import FAST
@@ -221,41 +220,13 @@ def _exp_loop(x, out):
         out[i] = expf.exp_nonpositive(x[i])
 
 
-cuda = None       # numba.cuda, imported by _exp_kernel once get_ops has chosen the GPU or the simulator
-
-
-@functools.cache
-def _exp_kernel():
-    """exp_nonpositive over an array, compiled by cuda.jit as the GPU kernels use it.
-
-    `cuda` must be a global of the kernel: the simulator runs it with the
-    module globals bound to numba.cuda swapped for its own.
-    """
-    global cuda
-    from numba import cuda
-
-    from xllm.ops.cuda.bodies import expf as gpu_expf
-
-    exp_nonpositive = gpu_expf.exp_nonpositive
-
-    @cuda.jit
-    def kernel(x, out):
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            out[i] = exp_nonpositive(x[i])
-
-    return kernel
-
-
 def exp_on(device, x):
     """exp_nonpositive of every element of x (float32 [n]), computed on `device`."""
     if device == "cpu":
         out = np.empty_like(x)
         _exp_loop(x, out)
         return out
-    ops = get_ops(device)
-    x_dev, out = ops.upload(x), ops.empty(x.shape, np.float32)
-    ops.launch(_exp_kernel(), ops.blocks(64), ops.threads, x_dev, out)
-    return ops.download(out)
+    return gpu_elementwise(device, "expf", "exp_nonpositive", x, np.float32)
 
 
 @device_params
