@@ -127,3 +127,48 @@ def test_the_cpu_disk_cache_is_stamped_with_the_kernel_bodies(tmp_path, monkeypa
         assert locator.get_source_stamp() != stamp
     finally:
         bodies._bodies_stamp.cache_clear()
+
+
+@pytest.mark.skipif(CUDA_DEVICE != "cuda-sim", reason="the simulator is what CI runs (numba-cuda installed, no GPU)")
+def test_the_threads_of_a_simulated_block_share_each_shared_array_even_when_they_race(monkeypatch):
+    """numba-cuda's simulator looks up a block's shared array, and makes it if missing,
+    without a lock: threads that reach the line together each make their own, and their
+    reductions then read uninitialised memory. (One full test run here failed on such
+    garbage, an attention error code of 2**30.) An allocation that lets the other
+    threads run makes the race certain."""
+    import threading
+    import time
+
+    get_ops("cuda-sim")                                   # installs xllm/ops/cuda/simulator.py
+    from numba.cuda.simulator import kernelapi
+
+    from xllm.ops.cuda import simulator
+
+    class SlowEmpty:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            time.sleep(0.01)                              # another thread runs here
+            return np.empty(*args, **kwargs)
+
+    monkeypatch.setattr(kernelapi, "np", SlowEmpty())
+    monkeypatch.setattr(simulator, "np", SlowEmpty())
+
+    def arrays_made(array_fn) -> int:
+        shared, start, got = kernelapi.FakeCUDAShared(0), threading.Barrier(4), []
+
+        def thread():
+            start.wait()
+            got.append(array_fn(shared, 32, np.float32))   # the same line in every thread
+
+        threads = [threading.Thread(target=thread) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len({id(a) for a in got})
+
+    assert arrays_made(simulator._original[0]) > 1        # numba-cuda's own: the threads race
+    assert arrays_made(kernelapi.FakeCUDAShared.array) == 1

@@ -18,6 +18,7 @@ sharing the row's elements:
   reduce.py      sums and maxima across a block (warp shuffles on a GPU,
                  shared memory under the simulator)
   errors.py      how a kernel reports a bad index
+  simulator.py   two changes to numba's CUDA simulator (speed, and a race)
   assemble.py    compiles every kernel to PTX and machine code for sm_80 and
                  sm_90 without a GPU (python -m xllm.ops.cuda.assemble)
 
@@ -31,7 +32,6 @@ activations are float32.
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import numpy as np
@@ -41,7 +41,7 @@ from numba.core import config
 from ...weights import QuantWeight
 from .. import checks
 from ..interface import Ops
-from . import attention, embedding, kv_store, matmul, memory, pointwise
+from . import attention, embedding, kv_store, matmul, memory, pointwise, simulator
 from .reduce import WARP_LANES
 
 
@@ -57,9 +57,7 @@ class CudaOps(Ops):
         self.threads = 4 if self.simulator else 128
         self.max_blocks = 2 if self.simulator else 65535
         if self.simulator:
-            # The simulator's block manager polls its threads while holding the GIL,
-            # so every syncthreads waited out Python's 5 ms thread switch interval.
-            sys.setswitchinterval(min(sys.getswitchinterval(), 1e-4))
+            simulator.adapt()                       # quicker, and without a race (simulator.py)
         self.err = self.zeros(4, np.int64)          # see errors.py
         self.linear_kernels = {fmt: partial(fn, self) for fmt, fn in matmul.LINEAR.items()}
         self.embedding_kernels = {fmt: partial(fn, self) for fmt, fn in embedding.EMBEDDING.items()}
