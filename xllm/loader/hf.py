@@ -10,11 +10,12 @@ rotate-half RoPE order xllm uses, so they need only renaming and float32.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .layout import Checkpoint, check_config, check_shapes, check_weights, expected_shapes
+from .layout import Checkpoint, check_config, check_shapes, check_weights
 from .safetensors_file import SafetensorsFile
 
 SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM"]
@@ -58,6 +59,8 @@ def _read_json(path: Path) -> dict:
         raise ModelFormatError(path, f"cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise ModelFormatError(path, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ModelFormatError(path, "invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ModelFormatError(path, "expected a JSON object")
     return data
@@ -95,12 +98,15 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
                 raise ModelFormatError(path, f"missing field '{key}'")
             return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is int:
-            ok = ok and float(value).is_integer()
+        if kind is int:         # 64 and 64.0 are both fine; 64.5, 1e400 and NaN are not
+            ok = ok and (isinstance(value, int) or math.isfinite(value) and value.is_integer())
+        else:                   # an integer of 400 digits has no float
+            ok = ok and math.isfinite(_as_float(value))
         if not ok:
-            raise ModelFormatError(path, f"field '{key}' should be a number, found {value!r}")
+            expected = "an integer" if kind is int else "a finite number"
+            raise ModelFormatError(path, f"field '{key}': expected {expected}, found {value!r}")
         if kind is int and value <= 0 and key != "head_dim":
-            raise ModelFormatError(path, f"field '{key}' must be positive, found {value!r}")
+            raise ModelFormatError(path, f"field '{key}': expected a positive integer, found {value!r}")
         return kind(value)
 
     act = raw.get("hidden_act", "silu")
@@ -123,13 +129,19 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
     if rope_type != "default":
         raise ModelFormatError(
             path, f"unsupported RoPE scaling: rope type is {rope_type!r}, supported: ['default']")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise ModelFormatError(path, f"field 'rope_theta' should be a number, found {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(_as_float(theta)):
+        raise ModelFormatError(path, f"field 'rope_theta': expected a finite number, found {theta!r}")
     if raw.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelFormatError(path, f"partial RoPE is not supported (partial_rotary_factor="
                                      f"{raw['partial_rotary_factor']})")
 
     n_heads = get("num_attention_heads", int)
+    dim = get("hidden_size", int)
+    head_dim = get("head_dim", int, required=False) or 0
+    if not head_dim and dim % n_heads:
+        raise ModelFormatError(
+            path, f"field 'num_attention_heads': expected a divisor of hidden_size={dim} (there is no "
+                  f"head_dim), found {n_heads}")
     try:
         eos_ids = _ids(raw.get("eos_token_id"))
         if generation:
@@ -145,12 +157,12 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
 
     cfg = ModelConfig(
         n_layers=get("num_hidden_layers", int),
-        dim=get("hidden_size", int),
+        dim=dim,
         n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", int, default=n_heads),
         hidden_dim=get("intermediate_size", int),
         vocab_size=get("vocab_size", int),
-        head_dim=get("head_dim", int, required=False) or 0,
+        head_dim=head_dim,
         rope_theta=float(theta),
         rms_eps=get("rms_norm_eps", float, default=1e-6),
         context_length=get("max_position_embeddings", int, default=2048),
@@ -160,8 +172,25 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
         arch="llama",
         name=str(raw.get("_name_or_path", "") or ""),
     )
-    check_config(path, cfg, "config.json")
+    check_config(path, cfg, None, _KEYS)
     return cfg
+
+
+# ModelConfig field -> the config.json field it comes from, for error messages.
+_KEYS = {
+    "n_layers": "'num_hidden_layers'", "dim": "'hidden_size'", "n_heads": "'num_attention_heads'",
+    "n_kv_heads": "'num_key_value_heads'", "hidden_dim": "'intermediate_size'", "vocab_size": "'vocab_size'",
+    "head_dim": "'head_dim'", "rope_theta": "'rope_theta'", "rms_eps": "'rms_norm_eps'",
+    "context_length": "'max_position_embeddings'", "bos_id": "'bos_token_id'", "eos_ids": "'eos_token_id'",
+}
+
+
+def _as_float(value) -> float:
+    """float(value), or inf for an integer too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
@@ -174,6 +203,11 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFormatError(index, "missing or empty 'weight_map'")
+        for name, file in weight_map.items():
+            # Shards sit beside the index: a path elsewhere would read files the user never gave.
+            if not isinstance(file, str) or not file or Path(file).name != file:
+                raise ModelFormatError(
+                    index, f"field weight_map['{name}']: expected a file name in this directory, found {file!r}")
         return {name: directory / file for name, file in weight_map.items()}
     if (directory / "pytorch_model.bin").exists() or (directory / "pytorch_model.bin.index.json").exists():
         raise ModelFormatError(
@@ -230,8 +264,7 @@ def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
         return located[names[canon]].path if canon in names else directory
 
     try:
-        check_shapes(directory, cfg, {c: located[n].shape(n) for c, n in names.items()},
-                     {c: names.get(c) or hf_name(c) for c in expected_shapes(cfg)} | names)
+        check_shapes(directory, cfg, {c: located[n].shape(n) for c, n in names.items()}, names, hf_name)
     except ModelFormatError as e:
         # Name the file that holds the offending tensor, not just the directory.
         bad = next((c for c, n in names.items() if f"'{n}'" in e.problem), None)

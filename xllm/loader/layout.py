@@ -101,45 +101,51 @@ def rope_rows_to_pairs(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray
     return np.ascontiguousarray(w.reshape(n_heads * head_dim, cols))
 
 
-def check_config(path, cfg: ModelConfig, source: str) -> None:
-    """Reject configs the engine cannot run; `source` says where the fields came from."""
-    for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "head_dim"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value <= 0:
-            raise ModelFormatError(path, f"{source}: {name} must be a positive integer, found {value!r}")
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ModelFormatError(
-            path, f"{source}: n_heads={cfg.n_heads} is not a multiple of n_kv_heads={cfg.n_kv_heads}")
-    if cfg.head_dim % 2:
-        raise ModelFormatError(path, f"{source}: head_dim={cfg.head_dim} must be even for RoPE")
-    if not cfg.rope_theta > 0:
-        raise ModelFormatError(path, f"{source}: rope theta must be positive, found {cfg.rope_theta!r}")
-    if not cfg.rms_eps > 0:
-        raise ModelFormatError(path, f"{source}: RMSNorm epsilon must be positive, found {cfg.rms_eps!r}")
+def check_config(path, cfg: ModelConfig, source: str | None, keys: dict[str, str] | None = None) -> None:
+    """Reject configs the engine cannot run, before anything is sized from them.
+
+    `source` says where in the file the fields came from ("GGUF metadata"),
+    None when `path` says it all (config.json); `keys` maps ModelConfig field
+    names to the names the file uses, so the message quotes what the user will
+    find in the file.
+    """
+    bad = cfg.invalid_field()
+    if bad is not None:
+        name, expected, found = bad
+        key = (keys or {}).get(name, name)
+        where = f"{source}: " if source else ""
+        raise ModelFormatError(path, f"{where}field {key}: expected {expected}, found {found!r}")
 
 
-def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[str, str] | None = None) -> None:
+def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[str, str] | None = None,
+                 file_name=None) -> None:
     """Check that `shapes` (canonical name -> shape) is exactly the canonical set.
 
-    `names` maps canonical names to the names the file uses, so errors quote
-    what the user will find in the file.
+    `names` maps canonical names to the names the file uses and `file_name`
+    (a function) names the tensors the file lacks, so errors quote what the
+    user will find in the file.
     """
     names = names or {}
-    # A corrupt layer count could ask for millions of names: compare counts first.
+
+    def quoted(name):
+        return names.get(name) or (file_name(name) if file_name else name)
+
+    # A corrupt layer count could ask for millions of names: compare counts first
+    # (a missing tensor or two is left to the clearer "missing tensor" below).
     if 9 * cfg.n_layers > len(shapes):
         raise ModelFormatError(
             path, f"the config says {cfg.n_layers} layers (9 tensors each) but there are only {len(shapes)} tensors")
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in shapes:
-            raise ModelFormatError(path, f"missing tensor '{names.get(name, name)}'")
+            raise ModelFormatError(path, f"missing tensor '{quoted(name)}'")
         found = tuple(shapes[name])
         if found != shape:
             raise ModelFormatError(
-                path, f"tensor '{names.get(name, name)}' has shape {list(found)}, expected {list(shape)}")
+                path, f"tensor '{quoted(name)}' has shape {list(found)}, expected {list(shape)}")
     extra = [n for n in shapes if n not in expected]
     if extra:
-        raise ModelFormatError(path, f"unexpected tensor '{names.get(extra[0], extra[0])}'")
+        raise ModelFormatError(path, f"unexpected tensor '{quoted(extra[0])}'")
 
 
 def check_weights(path, cfg: ModelConfig, weights: dict[str, np.ndarray], names: dict[str, str] | None = None) -> dict:

@@ -117,7 +117,7 @@ def load_llama2c(path, load_weights: bool = True) -> Checkpoint:
         tied_embeddings=shared, bos_id=BOS_ID, eos_ids=EOS_IDS, arch="llama", name="",
         extra={"llama2c_version": version},
     )
-    check_config(path, cfg, "llama2.c header")
+    check_config(path, cfg, "llama2.c header", {"hidden_dim": "hidden_dim", "context_length": "seq_len"})
 
     # The header must account for every byte of the file.
     kv = cfg.kv_dim

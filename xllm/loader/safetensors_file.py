@@ -2,15 +2,34 @@
 
 Layout: 8 bytes little-endian u64 N, then N bytes of JSON describing each
 tensor ({"name": {"dtype": "BF16", "shape": [r, c], "data_offsets": [b, e]}},
-plus an optional "__metadata__" entry), then the raw little-endian tensor
-bytes; offsets count from the end of the JSON.  We map the file and read
-tensors straight out of it.
+plus an optional "__metadata__" entry of string -> string), then the raw
+little-endian tensor bytes; offsets count from the end of the JSON.  We map
+the file and read tensors straight out of it.
+
+The header is checked exactly as the `safetensors` library checks it (its
+`read_metadata` and `Metadata::validate`, in Rust), so a file is refused here
+iff that library refuses it:
+
+* N is at most 100,000,000 and 8 + N is within the file;
+* the header is UTF-8 JSON, as strict as Rust's serde_json: no NaN, no number
+  beyond float range, no lone UTF-16 surrogate, at most 127 nested containers;
+* an object whose entries are tensors, each with a known dtype, a shape of
+  integers in [0, 2^64), and data_offsets [begin, end] of such integers
+  (duplicate fields refused, unknown fields ignored; the library also reads an
+  entry written as the list [dtype, shape, data_offsets]);
+* sorted by offsets, the tensors tile the data section: each begins where the
+  previous one ended (the first at 0), holds exactly the bytes its dtype and
+  shape need (no intermediate product overflowing 64 bits, no partial byte),
+  and the last ends at the end of the file.
+
+A header that is a few bytes short or long, overlapping or gapped tensors,
+trailing bytes: all fail the last rule.  Only then does xllm add its own rule:
+it reads F32, F16, BF16 and F64 tensors (`get` refuses the others).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 
@@ -18,10 +37,70 @@ import numpy as np
 
 from ..errors import ModelFormatError
 
-# safetensors dtype -> (numpy dtype of the stored values, bytes per value)
+# safetensors dtype -> (numpy dtype of the stored values, bytes per value), for the dtypes xllm reads
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
 
-_MAX_HEADER = 100 * 1024 * 1024
+# Every dtype the safetensors library (0.8) knows, with its size in bits.
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+
+MAX_HEADER = 100_000_000       # the library's MAX_HEADER_SIZE
+MAX_DEPTH = 127                # serde_json refuses the 128th nested container
+_U64 = 1 << 64
+_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+class _Pairs(list):
+    """A JSON object as its list of (key, value) pairs, so duplicate keys stay visible."""
+
+
+def _int(text: str):
+    """serde_json's integers: u64 or i64 when they fit, else a float ("-0" is a float too)."""
+    value = int(text)
+    if text == "-0" or not -(1 << 63) <= value < _U64:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"number out of range: {text[:20]}...")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _parse_json(text: str):
+    """The header as serde_json would read it (objects as _Pairs); ValueError when it would not."""
+    try:
+        root = json.loads(text, object_pairs_hook=_Pairs, parse_int=_int, parse_float=_float,
+                          parse_constant=_constant)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    # Walk without recursion: depth, and strings Rust could not hold (lone surrogates).
+    stack = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            value.encode("utf-8")       # UnicodeEncodeError (a ValueError) on a lone surrogate
+        elif isinstance(value, list):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+            items = [x for pair in value for x in pair] if isinstance(value, _Pairs) else value
+            stack.extend((item, depth + 1) for item in items)
+    return root
+
+
+def _u64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _U64
 
 
 class SafetensorsFile:
@@ -35,38 +114,97 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         n = int.from_bytes(self._buf[:8], "little")
-        if n > _MAX_HEADER:
-            raise ModelFormatError(path, f"not a safetensors file (header length {n} is implausible)")
+        if n > MAX_HEADER:
+            raise ModelFormatError(
+                path, f"not a safetensors file: header length (first 8 bytes): expected at most {MAX_HEADER}, "
+                      f"found {n}")
         if 8 + n > size:
             raise ModelFormatError(
-                path, f"truncated safetensors file: header needs {8 + n} bytes, found {size}")
+                path, f"truncated safetensors file: header length {n} needs {8 + n} bytes, found {size}")
         try:
-            header = json.loads(self._buf[8:8 + n])
-        except ValueError as e:
-            raise ModelFormatError(path, f"not a safetensors file (bad JSON header: {e})") from None
-        if not isinstance(header, dict):
-            raise ModelFormatError(path, "not a safetensors file (header is not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+            root = _parse_json(self._buf[8:8 + n].decode("utf-8"))
+        except ValueError as e:     # also UnicodeDecodeError / UnicodeEncodeError
+            raise ModelFormatError(path, f"not a safetensors file: bad JSON header ({e})") from None
+        if not isinstance(root, _Pairs):
+            raise ModelFormatError(path, f"not a safetensors file: header: expected a JSON object, "
+                                         f"found {type(root).__name__}")
         self.data_start = 8 + n
+        self.metadata = self._read_metadata([v for k, v in root if k == "__metadata__"])
+        entries = {}
+        for name, info in root:
+            if name != "__metadata__":
+                entries[name] = self._tensor_info(name, info)    # a repeated name: the last one counts
         self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ModelFormatError(path, f"tensor '{name}': malformed header entry {info!r}") from None
-            if dtype not in DTYPES:
+        end = 0
+        for name, (dtype, shape, start, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
+            if start != end or stop < start:
                 raise ModelFormatError(
-                    path, f"tensor '{name}' has unsupported dtype {dtype} (supported: {', '.join(DTYPES)})")
-            nbytes = math.prod(shape) * DTYPES[dtype][1]
-            if end - start != nbytes or start < 0:
+                    path, f"tensor '{name}': data_offsets: expected to start at {end} (where the previous "
+                          f"tensor ends), found {[start, stop]}")
+            nbits = DTYPE_BITS[dtype]
+            count = 1
+            for dim in shape:
+                count *= dim
+                if count >= _U64:
+                    raise ModelFormatError(path, f"tensor '{name}': shape {list(shape)} overflows 64 bits")
+            if count * nbits >= _U64 or count * nbits % 8:
                 raise ModelFormatError(
-                    path, f"tensor '{name}': data_offsets {[start, end]} hold {end - start} bytes, "
-                          f"but {dtype} {list(shape)} needs {nbytes}")
-            if self.data_start + end > size:
+                    path, f"tensor '{name}': shape {list(shape)} of {dtype} is not a whole number of bytes "
+                          f"below 2^64")
+            if stop - start != count * nbits // 8:
                 raise ModelFormatError(
-                    path, f"truncated safetensors file: tensor '{name}' needs {self.data_start + end} bytes, "
-                          f"found {size}")
-            self.tensors[name] = (dtype, shape, start, end)
+                    path, f"tensor '{name}': data_offsets {[start, stop]}: expected {count * nbits // 8} bytes "
+                          f"for {dtype} {list(shape)}, found {stop - start}")
+            self.tensors[name] = (dtype, shape, start, stop)
+            end = stop
+        if self.data_start + end != size:
+            problem = "truncated safetensors file" if self.data_start + end > size else "bad safetensors file"
+            raise ModelFormatError(
+                path, f"{problem}: header (length {n}) and tensors: expected {self.data_start + end} bytes, "
+                      f"found {size}")
+
+    def _read_metadata(self, found: list) -> dict:
+        """The "__metadata__" entry: absent, null, or an object of strings."""
+        if len(found) > 1:
+            raise ModelFormatError(self.path, "header: field __metadata__ appears twice")
+        if not found or found[0] is None:
+            return {}
+        meta = found[0]
+        if not isinstance(meta, _Pairs) or not all(isinstance(v, str) for _, v in meta):
+            raise ModelFormatError(self.path, f"header: field __metadata__: expected an object of strings, "
+                                              f"found {json.dumps(meta)[:80]}")
+        return dict(meta)
+
+    def _tensor_info(self, name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+        """(dtype, shape, start, end) of one header entry, checked field by field."""
+        where = f"tensor '{name}'"
+        if isinstance(info, _Pairs):
+            fields = {}
+            for key, value in info:
+                if key in _FIELDS:
+                    if key in fields:
+                        raise ModelFormatError(self.path, f"{where}: field {key} appears twice")
+                    fields[key] = value
+            missing = [k for k in _FIELDS if k not in fields]
+            if missing:
+                raise ModelFormatError(self.path, f"{where}: missing field {missing[0]}")
+            dtype, shape, offsets = (fields[k] for k in _FIELDS)
+        elif isinstance(info, list) and len(info) == 3:
+            dtype, shape, offsets = info
+        else:
+            raise ModelFormatError(
+                self.path, f"{where}: expected an object with dtype, shape and data_offsets, "
+                           f"found {json.dumps(info)[:80]}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise ModelFormatError(self.path, f"{where}: field dtype: expected one of {', '.join(DTYPE_BITS)}, "
+                                              f"found {dtype!r}")
+        if not isinstance(shape, list) or not all(_u64(d) for d in shape):
+            raise ModelFormatError(self.path, f"{where}: field shape: expected a list of integers from 0 to "
+                                              f"2^64-1, found {json.dumps(shape)[:80]}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+            raise ModelFormatError(self.path, f"{where}: field data_offsets: expected [begin, end], two integers "
+                                              f"from 0 to 2^64-1, found {json.dumps(offsets)[:80]}")
+        return dtype, tuple(shape), offsets[0], offsets[1]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
@@ -74,6 +212,10 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         """The tensor as a new float32 C-contiguous array."""
         dtype, shape, start, end = self.tensors[name]
+        if dtype not in DTYPES:
+            raise ModelFormatError(
+                self.path, f"tensor '{name}': dtype: expected one of {', '.join(DTYPES)} (what xllm reads), "
+                           f"found {dtype}")
         np_dtype, size = DTYPES[dtype]
         raw = np.frombuffer(self._buf, dtype=np_dtype, count=(end - start) // size, offset=self.data_start + start)
         if dtype == "BF16":

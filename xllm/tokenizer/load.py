@@ -69,6 +69,8 @@ def _read_json(p: Path) -> dict:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(p, f"not valid JSON: {e}")
+    except RecursionError:
+        raise ModelFormatError(p, "not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ModelFormatError(p, "a tokenizer JSON file must hold an object")
     return data
