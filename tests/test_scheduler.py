@@ -8,6 +8,11 @@ sequence. So a sequence gets the tokens it would get alone only if its blocks
 really hold its own tokens at the right positions: a block shared with another
 sequence, a slot written twice, a chunk at the wrong position or a recompute
 that forgets a generated token all change the tokens that come out.
+
+That fake model insists that a sequence reads only KV it wrote itself, so the
+tests that may share blocks through prefix caching run with
+prefix_caching=False; tests/test_prefix_cache.py checks sharing with a fake
+model that compares contents instead.
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ def test_random_workloads_finish_exactly_once_with_their_own_tokens():
     @given(workloads())
     def run(w):
         block_size, num_blocks, max_num_seqs, max_batched, chunk, requests = w
-        sched = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_batched, chunk)
+        sched = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_batched, chunk,
+                          prefix_caching=False)
         before = dict(seen)
         finished = drive(sched, requests, seen)
         assert sorted(finished) == list(range(len(requests))), "a request was lost"
@@ -286,7 +292,9 @@ def test_admission_stops_at_the_first_request_that_does_not_fit():
 
 
 def test_preemption_takes_the_newest_and_it_recomputes_its_output():
-    sched = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=16)
+    # Without prefix caching: b recomputes everything (with it, b would find its
+    # first block again: tests/test_prefix_cache.py).
+    sched = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=16, prefix_caching=False)
     model = FakeModel(sched.blocks)
     a = sched.add(Sequence(0, [10] * 4, max_tokens=8))
     b = sched.add(Sequence(1, [20] * 4, max_tokens=8))

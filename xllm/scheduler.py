@@ -32,6 +32,43 @@ front of the waiting queue. When it is admitted again it *recomputes*: its
 prefill covers the prompt and the tokens it had already generated, then it
 carries on generating. Nothing it generated is lost or produced twice.
 
+Prefix caching (`prefix_caching=True`, the default; `xllm.kv_cache` explains
+the block pool's side). Admitting a waiting sequence first asks the pool for
+the longest start of its tokens that cached blocks already hold
+(`BlockManager.find_prefix`); the sequence starts with those blocks and
+`num_computed` at the hit, so its prefill computes only the rest. After every
+step, `update` gives a digest to each block that the step filled, and a
+sequence that leaves (finished, aborted or preempted) hands the pool its
+computed tokens with its blocks, so they stay findable until evicted. Hence:
+
+* The hit is capped at num_tokens - 1: the last token must run, its row gives
+  the logits of the next token. The cap also keeps shared blocks read-only:
+  found full blocks end at or before the hit, and the first token computed
+  (at the hit) goes after them.
+* The admission check counts the blocks the hit covers: the sequence needs
+  new blocks only for the tokens after them, but found blocks that are free
+  (nobody holds them; they wait in the pool, findable) leave the free list too
+  (`BlockManager.blocks_to_admit`).
+* A chat's next turn, whose prompt is the previous prompt and answer plus the
+  new message, computes only the new message and the previous answer's last
+  token: that token was sampled by the last step and never ran, so its key and
+  value were never computed. (The partly filled last block is found too: see
+  partial blocks in `xllm.kv_cache`.)
+* Two requests with the same start admitted in the same step both miss: the
+  blocks get digests only when a step has filled them (vLLM does the same). If
+  both then fill the same tokens, the first one's block keeps the digest.
+* A preempted sequence readmitted finds its own blocks if nobody has taken
+  them since: they went to the back of the cached free list.
+* A hit may end inside a cached full block (a system prompt that a longer
+  request continued in the same block): the sequence then gets a fresh block
+  and the plan carries a copy of the matched slots into it
+  (`StepPlan.copies`), which the engine makes before building the batch
+  (`KVCache.copy_blocks`). Until then the source block is pinned, so
+  `schedule` refuses to plan again while copies are pending. When the pinned
+  source would leave the pool one block short for the admission, the
+  sequence is admitted without the copy (it computes those tokens), so
+  copying never makes a request wait longer than computing would.
+
 Why nobody starves: the oldest running sequence is never preempted (victims
 are always newer than the sequence that needs the block), it may preempt all
 the others, and `add` refuses a request whose prompt + max_tokens could not fit
@@ -40,10 +77,20 @@ one token every step until it finishes, and then the next oldest is oldest.
 Since running sequences are always older than waiting ones (admission is in
 arrival order and a preempted sequence is the newest running one, which goes
 to the front of the queue), every request eventually becomes the oldest.
+Prefix caching changes none of this: once the others are preempted, every
+held block is in the oldest sequence's table (once: a table never holds a
+block twice), and every other block can be handed out, cached or not, so it
+still finds its next block (pins last only from `schedule` to the copies at
+the start of the step). Sharing only makes sequences need fewer blocks; a
+hit that copies needs one more (the pinned source) when the source was free,
+and where that does not fit, the sequence starts from the same hit without
+the copy, which needs no more blocks than computing everything after the
+shared blocks would.
 
 The engine's loop, one forward pass per step:
 
     plan = scheduler.schedule()                       # blocks are set aside here
+    cache.copy_blocks(plan.copies)                    # partial hits copied, sources unpinned
     batch = Batch.build(cache, plan.batch_rows())     # takes no new block
     logits = model.forward(batch, cache, plan.logit_rows())
     tokens = {s.seq_id: sample(row) for s, row in zip(plan.sample_seqs(), logits)}
@@ -57,10 +104,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
-from .kv_cache import BlockManager, KVCache, blocks_for
+from .kv_cache import BlockCopy, BlockManager, KVCache, PrefixHit, blocks_for
 
 
 class Status(enum.Enum):
@@ -84,6 +131,7 @@ class Sequence:
     arrival: int = -1                # set by Scheduler.add: 0, 1, 2, ... in order
     num_preemptions: int = 0
     finish_reason: str | None = None  # "length", "stop" or "abort" once finished
+    num_cached_tokens: int = 0        # prompt tokens the prefix cache held at its first admission
 
     @property
     def all_ids(self) -> list[int]:
@@ -123,10 +171,12 @@ class Row:
 
 @dataclass
 class StepPlan:
-    """What one forward pass runs: rows in batch order, and the sequences that
+    """What one forward pass runs: rows in batch order; the copies of cached
+    slots to make before it (`KVCache.copy_blocks`); and the sequences that
     were preempted while planning it (for logs; the scheduler has handled them)."""
 
     rows: list[Row] = field(default_factory=list)
+    copies: list[BlockCopy] = field(default_factory=list)   # (source block, destination block, tokens)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -161,10 +211,23 @@ class SchedulerStats:
 
     steps: int = 0                    # non-empty plans made
     preemptions: int = 0
-    recomputed_tokens: int = 0        # cached tokens thrown away by preemption
+    # Cached tokens thrown away by preemption, counted when preempted, less
+    # those a readmitted sequence finds again in the prefix cache: the tokens
+    # computed twice (or to be, for a sequence still waiting).
+    recomputed_tokens: int = 0
     tokens_per_step: list[int] = field(default_factory=list)
     peak_running: int = 0             # most sequences running at once
     peak_blocks_used: int = 0         # most KV blocks in use at once
+    # Prefix caching, counted at each request's first admission only (a
+    # readmission after preemption is in recomputed_tokens instead):
+    prefix_queried_tokens: int = 0    # prompt tokens of the requests admitted
+    prefix_hit_tokens: int = 0        # of those, found in the cache (not computed)
+    prefix_copied_tokens: int = 0     # of those, copied from a block that went on differently
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """The share of admitted prompt tokens the prefix cache held (0.0 before any)."""
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class Scheduler:
@@ -174,12 +237,17 @@ class Scheduler:
     `chunk_size` caps one prefill row (default: max_num_batched_tokens).
     `max_seq_len`, when given, is the model's context: a request longer than
     it is refused at `add`.
+    `prefix_caching`: start admitted sequences from the blocks of the pool
+    that already hold their first tokens (module docstring). The cache lives
+    in the pool, so it outlives the scheduler: a new Scheduler on the same
+    pool finds what an earlier one left there.
     """
 
     def __init__(self, blocks: BlockManager | KVCache, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, chunk_size: int | None = None,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, prefix_caching: bool = True):
         self.blocks = blocks.blocks if isinstance(blocks, KVCache) else blocks
+        self.prefix_caching = prefix_caching
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -197,6 +265,7 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}       # every unfinished sequence by id
         self.stats = SchedulerStats()
         self._arrivals = 0
+        self._lost: dict[int, int] = {}           # preempted sequence id -> tokens it had computed
 
     # ------------------------------------------------------------ requests
 
@@ -234,12 +303,20 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.blocks.free(seq_id)
+        self._free(seq)
+        self._lost.pop(seq_id, None)
         seq.status, seq.finish_reason = Status.FINISHED, "abort"
         return seq
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
+
+    def reset_stats(self) -> None:
+        """Start the counters afresh (benchmarks). Tokens that preemptions
+        threw away before are forgotten, so what readmissions find of them
+        later is not taken off the new count either."""
+        self.stats = SchedulerStats()
+        self._lost.clear()
 
     # ------------------------------------------------------------ planning
 
@@ -248,7 +325,12 @@ class Scheduler:
 
         The rows' tokens go into the cache when the engine builds the batch
         (`Batch.build` -> `reserve`), which then finds the blocks already there.
+        Before that, the engine makes the plan's copies (`KVCache.copy_blocks`):
+        a plan is refused while the last one's copies are pending.
         """
+        if self.blocks.pending_copies:
+            raise RuntimeError(f"the copies of the last plan were not made: {self.blocks.pending_copies} "
+                               "(KVCache.copy_blocks, or BlockManager.copies_done)")
         plan = StepPlan()
         budget = self.max_num_batched_tokens
 
@@ -278,12 +360,12 @@ class Scheduler:
         #    in a step that preempted: the pool is short, admitting would thrash.
         while self.waiting and not plan.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, self.chunk_size, budget)
-            if self.blocks.blocks_to_hold(seq.seq_id, n) > self.blocks.free_blocks:
+            admission = self._fit(seq, budget)
+            if admission is None:
                 break
+            hit, n = admission
             self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._admit(seq, hit, plan)
             self._add_row(plan, seq, n)
             budget -= n
 
@@ -293,6 +375,50 @@ class Scheduler:
             self.stats.peak_running = max(self.stats.peak_running, len(self.running))
             self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, self.blocks.used_blocks)
         return plan
+
+    def _find_prefix(self, seq: Sequence) -> PrefixHit:
+        """What the pool already holds of `seq`'s tokens; at most all but the
+        last, which must run to give logits (nothing without prefix caching)."""
+        if not self.prefix_caching:
+            return PrefixHit()
+        return self.blocks.find_prefix(seq.all_ids, seq.num_tokens - 1)
+
+    def _fit(self, seq: Sequence, budget: int) -> tuple[PrefixHit, int] | None:
+        """How `seq` starts if the free blocks let it start now: its prefix
+        hit and the tokens of its first row; None if it must wait. A hit
+        that copies pins its source beside the fresh block: when that is a
+        block too many, the same hit without the copy is tried."""
+        hit = self._find_prefix(seq)
+        for h in (hit, hit.without_copy()) if hit.source is not None else (hit,):
+            n = min(seq.num_tokens - h.num_tokens, self.chunk_size, budget)
+            if self.blocks.blocks_to_admit(h, h.num_tokens + n) <= self.blocks.free_blocks:
+                return h, n
+        return None
+
+    def _admit(self, seq: Sequence, hit: PrefixHit, plan: StepPlan) -> None:
+        """Move the head of the queue to running, its table starting with
+        `hit`; a copy that hit needs goes into `plan`."""
+        copy = self.blocks.admit(seq.seq_id, hit)
+        if copy is not None:
+            plan.copies.append(copy)
+        seq.num_computed = hit.num_tokens
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        if self.prefix_caching and not seq.num_preemptions:
+            seq.num_cached_tokens = hit.num_tokens
+            self.stats.prefix_queried_tokens += seq.num_tokens
+            self.stats.prefix_hit_tokens += hit.num_tokens
+            self.stats.prefix_copied_tokens += hit.copied
+        # A readmission: what the cache gave back is not computed twice after all.
+        self.stats.recomputed_tokens -= min(self._lost.pop(seq.seq_id, 0), hit.num_tokens)
+
+    def _free(self, seq: Sequence) -> None:
+        """Let go of `seq`'s blocks; with prefix caching they stay findable by
+        the tokens they hold (its computed ones)."""
+        if self.prefix_caching:
+            self.blocks.free(seq.seq_id, seq.all_ids[: seq.num_computed])
+        else:
+            self.blocks.free(seq.seq_id)
 
     def _make_room(self, seq: Sequence, n: int, plan: StepPlan) -> int:
         """How many of the `n` tokens `seq` wants this step its blocks can take,
@@ -312,9 +438,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Send the newest running sequence back to the front of the queue."""
         self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
+        self._free(seq)
         self.stats.preemptions += 1
         self.stats.recomputed_tokens += seq.num_computed
+        self._lost[seq.seq_id] = seq.num_computed
         seq.num_preemptions += 1
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -349,6 +476,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING or seq.num_computed != row.start:
                 raise ValueError(f"request {seq.seq_id} changed since this plan was made")
             seq.num_computed += len(row.token_ids)
+            bs = self.blocks.block_size
+            if self.prefix_caching and seq.num_computed // bs > row.start // bs:   # the row filled a block
+                self.blocks.cache_full_blocks(seq.seq_id, seq.all_ids[: seq.num_computed])
             if not row.sample:
                 continue
             seq.output.append(sampled[seq.seq_id])
@@ -356,7 +486,7 @@ class Scheduler:
                 seq.finish_reason = "length" if len(seq.output) >= seq.max_tokens else "stop"
                 seq.status = Status.FINISHED
                 self.running.remove(seq)
-                self.blocks.free(seq.seq_id)
+                self._free(seq)
                 del self.seqs[seq.seq_id]
                 finished.append(seq)
         return finished
