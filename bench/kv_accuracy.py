@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.perplexity import window_nll
-from xllm.generate import Session
+from xllm.testing import greedy as greedy_ids
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shareGPT_sample.txt"
 CHUNK = 256
@@ -33,12 +33,8 @@ CHUNK = 256
 
 def run(model, kv_dtype: str, prompt: list[int], greedy: int) -> tuple[np.ndarray, list[int]]:
     """(logits of every prompt position [n, vocab], `greedy` greedily generated ids)."""
-    session = Session(model, prefill_chunk=CHUNK, kv_dtype=kv_dtype)
-    logits = session.logits_for(prompt)
-    out = [int(np.argmax(logits[-1]))]
-    for _ in range(greedy - 1):
-        out.append(int(np.argmax(session._feed([out[-1]]))))
-    return logits, out
+    logits = model.logits_for(prompt, kv_dtype, chunk=CHUNK)
+    return logits, greedy_ids(model, prompt, greedy, kv_dtype)
 
 
 def main():

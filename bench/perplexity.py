@@ -60,7 +60,6 @@ def main(argv=None) -> int:
     import numba
 
     from xllm.errors import XllmError
-    from xllm.generate import Session
     from xllm.load import load_model
 
     if args.threads:
@@ -69,9 +68,8 @@ def main(argv=None) -> int:
         model, tok, _ = load_model(args.model, args.tokenizer, device=args.device)
         with open(args.file, encoding="utf-8") as f:
             ids = tok.encode(f.read())
-        session = Session(model)
         t0 = time.perf_counter()
-        ppl, count = perplexity(session.logits_for, ids, args.ctx,
+        ppl, count = perplexity(model.logits_for, ids, args.ctx,
                                 progress=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr))
     except (XllmError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,9 @@
 Decode is memory bound: every new token reads every weight once (the output
 projection included, the embedding table only one row), so besides tokens/s
 it prints the achieved weight bandwidth = weight bytes per token x tokens/s.
-Each figure is the median of --runs runs after one warm-up run.
+Each figure is the median of --runs runs after one warm-up run. Both go
+through the engine every caller uses (`xllm.engine.Engine`, prefix cache
+off), so its per-step work is counted.
 """
 
 from __future__ import annotations
@@ -45,25 +47,26 @@ def main(argv=None) -> int:
     import numba
 
     from xllm.download import default_model_path
-    from xllm.generate import Session
+    from xllm.engine import Engine
+    from xllm.kv_cache import blocks_for
     from xllm.load import load_model
+    from xllm.sampling import SamplingParams
 
     numba.set_num_threads(args.threads)
     path = args.model or default_model_path()
     model, tok, _ = load_model(path, device=args.device, keep_quant=not args.f32)
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, args.prompt_tokens)]
-    session = Session(model)
+    # The engine every caller uses, with the prefix cache off so that every
+    # run computes its whole prompt; the prompt runs in one step.
+    engine = Engine(model, tok, num_blocks=blocks_for(args.prompt_tokens + args.decode_tokens + 1, 128),
+                    max_num_batched_tokens=max(512, args.prompt_tokens), prefix_caching=False)
+    params = SamplingParams(max_tokens=args.decode_tokens + 1, ignore_eos=True)
 
     def one_run():
-        session.reset()
         t0 = time.perf_counter()
-        logits = session.prefill(prompt)
-        t1 = time.perf_counter()
-        token = int(np.argmax(logits))
-        for _ in range(args.decode_tokens):
-            token = int(np.argmax(session._feed([token])))
-        t2 = time.perf_counter()
+        out = engine.run(prompt, params)
+        t1, t2 = out.first_token_time, out.finish_time
         return args.prompt_tokens / (t1 - t0), args.decode_tokens / (t2 - t1)
 
     one_run()  # warm-up: page in the weights

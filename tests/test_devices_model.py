@@ -75,7 +75,7 @@ def test_the_engine_runs_unchanged_on_the_cuda_device():
         llm = LLM(tiny_llama(device), block_size=4, kv_cache_bytes=1 << 20, max_num_seqs=4, max_num_batched_tokens=8)
         assert llm.cache.ops is llm.model.ops
         outs[device] = [o.token_ids for o in llm.generate(prompts, params)]
-        assert llm.last_scheduler_stats.steps >= 5          # the 9-token prompt took two chunks of <= 8 rows
+        assert llm.scheduler_stats.steps >= 5               # the 9-token prompt took two chunks of <= 8 rows
     assert outs[CUDA_DEVICE] == outs["cpu"]
 
 

@@ -22,14 +22,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from bench.perplexity import perplexity  # noqa: E402
-from xllm.generate import Session  # noqa: E402
+from xllm.testing import greedy  # noqa: E402
 from xllm.load import load_model  # noqa: E402
-from xllm.sampling import SamplingParams  # noqa: E402
 
 from .conftest import REPO, shared_file  # noqa: E402
 
 torch.set_num_threads(2)
-GREEDY = SamplingParams(temperature=0.0)
 
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -65,13 +63,12 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 def check_model(ours, hf, prompts_ids: list[list[int]], n_greedy: int = 64) -> None:
-    session = Session(ours)
     for ids in prompts_ids:
         ref = hf_logits(hf, ids)[-1]
-        got = session.prefill(ids)
+        got = ours.logits_for(ids)[-1]
         err = rel_l2(got, ref)
         assert err < 1e-4, f"last-position logits differ: relative L2 {err:.2e} for prompt {ids[:8]}..."
-        ours_greedy = list(session.generate(ids, n_greedy, GREEDY))
+        ours_greedy = greedy(ours, ids, n_greedy)
         assert ours_greedy == hf_greedy(hf, ids, n_greedy)
 
 

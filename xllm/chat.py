@@ -1,9 +1,9 @@
 """Chat formats: how a conversation becomes token ids.
 
-A conversation is kept as token ids, not re-rendered text: each user turn
-appends its own ids, each answer appends the ids the model generated. So
-the ids of earlier turns never change, and the KV cache of a `Session`
-is reused across turns (only the new turn is computed).
+A conversation keeps each answer as the token ids the model generated, not
+as re-encoded text, so the ids of earlier turns never change from one prompt
+to the next, and the engine's prefix cache reuses their keys and values
+(only the new turn is computed).
 
 Special tokens (`<|im_start|>`, BOS, EOS) come only from the format itself;
 what the user types is encoded as plain text, so a user who types
@@ -116,76 +116,112 @@ def detect_format(tok, metadata: dict) -> tuple[ChatFormat, str | None]:
 
 
 class Conversation:
-    """The token ids of a chat so far, turn by turn."""
+    """A chat so far, turn by turn, and the token ids of the next prompt.
+
+    Each turn keeps the user's text and the ids the model answered, so the
+    ids of earlier turns never change from one prompt to the next and the
+    engine's prefix cache finds their keys and values (only the new turn is
+    computed). When the prompt would outgrow the context, the oldest turns
+    are dropped (the system prompt stays); `dropped` counts them.
+    """
 
     def __init__(self, tok, fmt: ChatFormat, system: str | None = None):
         self.tok, self.fmt, self.system = tok, fmt, system
-        self.ids: list[int] = []
-        self.turns = 0
+        self.turns: list[tuple[str, list[int]]] = []    # (user text, answer ids)
+        self.dropped = 0
         self.stop_ids = tuple(sorted(set(tok.eos_ids) | {_special_id(tok, s) for s in fmt.stop_tokens}))
 
     def reset(self) -> None:
-        self.ids, self.turns = [], 0
+        self.turns, self.dropped = [], 0
+
+    def render(self, turns: list[tuple[str, list[int]]], text: str) -> list[int]:
+        """The ids of `turns` followed by a new user message and the cue for the answer."""
+        ids = encode_parts(self.tok, self.fmt.opening(self.system))
+        for i, (user, answer) in enumerate(turns):
+            stopped = bool(answer) and answer[-1] in self.stop_ids
+            ids += encode_parts(self.tok, self.fmt.user(user, i == 0, self.system))
+            ids += answer + encode_parts(self.tok, self.fmt.after_answer(stopped))
+        return ids + encode_parts(self.tok, self.fmt.user(text, not turns, self.system))
 
     def add_user(self, text: str) -> list[int]:
-        """Append a user message (with the cue for the answer); return the whole prompt."""
-        if self.turns == 0:
-            self.ids += encode_parts(self.tok, self.fmt.opening(self.system))
-        self.ids += encode_parts(self.tok, self.fmt.user(text, self.turns == 0, self.system))
-        self.turns += 1
-        return list(self.ids)
+        """The whole prompt for a new message (a prompt of one message needs no answer)."""
+        return self.render(self.turns, text)
 
-    def add_answer(self, answer_ids: list[int]) -> None:
-        """Append the ids the model generated, closing the turn as the format wants."""
-        stopped = bool(answer_ids) and answer_ids[-1] in self.stop_ids
-        self.ids += list(answer_ids) + encode_parts(self.tok, self.fmt.after_answer(stopped))
+    def prompt_for(self, text: str, context: int, room: int) -> list[int]:
+        """The prompt for a new message, dropping the oldest turns until it
+        leaves `room` tokens of the `context` for the answer."""
+        while True:
+            ids = self.render(self.turns, text)
+            if len(ids) + room <= context or not self.turns:
+                return ids
+            self.turns.pop(0)
+            self.dropped += 1
+
+    def add_answer(self, text: str, answer_ids: list[int]) -> None:
+        """Record the turn: the user's `text` and the ids the model generated."""
+        self.turns.append((text, list(answer_ids)))
 
 
 class ChatSession:
     """A conversation with a model: `send` streams the answer's text.
 
-    The model's KV cache stays between turns (`xllm.generate.Session`), so a
-    turn computes only its own new tokens; `last_turn` says how many.
+    Every answer is a request of the shared `Engine` (`xllm.engine`); the
+    prompt is the whole conversation, and the engine's prefix cache holds
+    the keys and values of the earlier turns, so a turn computes only its
+    own new tokens. `last_turn` says how many; `notice` (a function of one
+    string) is told once when old turns start being dropped.
     """
 
-    def __init__(self, model, tok, fmt: ChatFormat, system: str | None = None, kv_dtype: str = "fp32"):
-        from .generate import Session
-
-        self.tok = tok
-        self.session = Session(model, kv_dtype=kv_dtype)
+    def __init__(self, engine, tok, fmt: ChatFormat, system: str | None = None, notice=None):
+        self.engine, self.tok = engine, tok
         self.convo = Conversation(tok, fmt, system)
+        self.notice = notice or (lambda message: None)
+        self._told = False
+        self.last_output = None
         self.last_turn = {"prompt_tokens": 0, "computed_tokens": 0, "answer_tokens": 0,
                           "first_token_s": 0.0, "decode_s": 0.0}
 
     def reset(self) -> None:
         self.convo.reset()
-        self.session.reset()
+        self._told = False
+
+    def request(self, text: str, params) -> tuple[list[int], object]:
+        """The prompt ids and the params of the request that answers `text`."""
+        from dataclasses import replace
+
+        context = self.engine.model.config.context_length
+        prompt = self.convo.prompt_for(text, context, min(params.max_tokens, context // 2))
+        if self.convo.dropped and not self._told:
+            self._told = True
+            self.notice(f"the conversation no longer fits the model's context of {context} tokens: "
+                        "dropping its oldest turns from now on")
+        stop_ids = tuple(sorted(set(params.stop_token_ids) | set(self.convo.stop_ids)))
+        return prompt, replace(params, stop_token_ids=stop_ids)
 
     def send(self, text: str, params) -> Iterator[str]:
         """Stream the answer to `text`. Closing the iterator early (or Ctrl-C
         inside it) keeps the part already written as the answer."""
         import time
 
-        prompt = self.convo.add_user(text)
-        stream = self.tok.stream_decoder(prefix_ids=prompt)
-        out: list[int] = []
+        prompt, params = self.request(text, params)
         t0 = time.perf_counter()
-        t_first = None
+        rid = self.engine.add_request(prompt, params)
+        out = None
         try:
-            for token in self.session.generate(prompt, params.max_tokens, params, self.convo.stop_ids):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    self.last_turn["computed_tokens"] = self.session.last_prefill_computed
-                out.append(token)
-                if token not in self.convo.stop_ids:
-                    piece = stream.push(token)
-                    if piece:
-                        yield piece
-            rest = stream.flush()
-            if rest:
-                yield rest
+            while out is None or not out.finished:
+                for ev in self.engine.step():
+                    if ev.request_id == rid:
+                        out = ev.output
+                        if ev.text:
+                            yield ev.text
         finally:
-            self.convo.add_answer(out)
+            if out is None or not out.finished:
+                out = self.engine.abort(rid) or out
+            answer = list(out.token_ids) if out is not None else []
+            self.convo.add_answer(text, answer)
+            self.last_output = out
             t_end = time.perf_counter()
-            self.last_turn.update(prompt_tokens=len(prompt), answer_tokens=len(out),
-                                  first_token_s=(t_first or t_end) - t0, decode_s=t_end - (t_first or t_end))
+            t_first = (out.first_token_time if out is not None else None) or t_end
+            self.last_turn.update(prompt_tokens=len(prompt), answer_tokens=len(answer),
+                                  computed_tokens=len(prompt) - (out.num_cached_tokens if out is not None else 0),
+                                  first_token_s=t_first - t0, decode_s=t_end - t_first)

@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalise tokens already seen (1.0 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before this text (may be given more than once)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "cuda-sim"], default="auto",
                    help="where the model runs (default auto: a GPU when one works, else the CPU)")
@@ -59,6 +61,9 @@ def run(args) -> int:
 
     from .chat import FORMATS, ChatSession, detect_format
     from .download import default_model_path
+    from .engine import Engine
+    from .kv_cache import blocks_for
+    from .planner import kv_pool_blocks
     from .load import load_model
     from .sampling import SamplingParams
 
@@ -68,7 +73,7 @@ def run(args) -> int:
         numba.set_num_threads(args.threads)
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed, max_tokens=args.max_tokens,
-                                repetition_penalty=args.repeat_penalty)
+                                repetition_penalty=args.repeat_penalty, stop=tuple(args.stop))
     except ValueError as e:
         raise XllmError(str(e)) from None
 
@@ -81,7 +86,13 @@ def run(args) -> int:
     fmt, default_system = detect_format(tok, metadata)
     if args.chat_format != "auto":
         fmt = FORMATS[args.chat_format]()
-    chat = ChatSession(model, tok, fmt, args.system if args.system is not None else default_system, args.kv_dtype)
+    # The pool holds one whole context (the longest conversation the model can
+    # see), or what 1 GiB pays for when a context is longer than that.
+    ctx = model.config.context_length
+    blocks = min(blocks_for(ctx, 128), max(1, kv_pool_blocks(model.config, args.kv_dtype, 128, 1 << 30)))
+    engine = Engine(model, tok, kv_dtype=args.kv_dtype, num_blocks=blocks)
+    chat = ChatSession(engine, tok, fmt, args.system if args.system is not None else default_system,
+                       notice=lambda message: print(f"xllm: {message}", file=sys.stderr))
 
     def answer(text: str) -> None:
         try:
@@ -92,7 +103,11 @@ def run(args) -> int:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
         sys.stdout.flush()
-        t = chat.last_turn
+        out, t = chat.last_output, chat.last_turn
+        if out is not None and out.finish_reason == "error":
+            raise XllmError(out.error)
+        if out is not None and out.cut_by_context:
+            print(f"xllm: the answer was cut: the model's context of {ctx} tokens is full", file=sys.stderr)
         if args.stats:
             rate = (t["answer_tokens"] - 1) / t["decode_s"] if t["decode_s"] > 0 else 0.0
             print(f"[prompt {t['prompt_tokens']} tokens, {t['computed_tokens']} computed, first token "
@@ -122,7 +137,10 @@ def run(args) -> int:
             print("(new conversation)")
             continue
         if text.strip():
-            answer(text)
+            try:
+                answer(text)
+            except XllmError as e:      # one bad message does not end the chat
+                print(f"xllm: error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

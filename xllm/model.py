@@ -143,3 +143,20 @@ class Llama:
         x = ops.rmsnorm(x, w["norm"], c.rms_eps)
         rows = ops.upload(np.asarray(logit_rows, np.int32))
         return ops.download(ops.logits(x, rows, w["output"]))
+
+    def logits_for(self, ids: list[int], kv_dtype: str = "fp32", chunk: int = 256,
+                   block_size: int = 128) -> np.ndarray:
+        """Logits after every prefix of `ids`, from a fresh cache: [len(ids), vocab].
+
+        For evaluation (perplexity, comparing with other engines): the
+        prompt runs in chunks of `chunk` rows through a cache of its own.
+        Generation goes through the engine (`xllm.engine`)."""
+        if not 0 < len(ids) <= self.config.context_length:
+            raise ValueError(f"logits_for needs 1..{self.config.context_length} tokens, got {len(ids)}")
+        cache = KVCache(self.config, -(-len(ids) // block_size), block_size, kv_dtype, device=self.ops)
+        outs = []
+        for start in range(0, len(ids), chunk):
+            part = [int(t) for t in ids[start : start + chunk]]
+            batch = Batch.build(cache, [(0, part)])
+            outs.append(self.forward(batch, cache, np.arange(len(part), dtype=np.int32)))
+        return np.concatenate(outs)

@@ -85,12 +85,14 @@ def tiny_llama(device="cpu", seed: int = 0, weight_format: str = "f32", f32: boo
 
 
 def greedy(model, prompt: list[int], n: int, kv_dtype: str = "fp32") -> list[int]:
-    """n token ids that follow `prompt` at temperature 0 (a fresh cache each call)."""
-    from .generate import Session
+    """n token ids that follow `prompt` at temperature 0, past any end-of-sequence
+    (a fresh engine, so a fresh cache, each call)."""
+    from .engine import Engine
+    from .kv_cache import blocks_for
     from .sampling import SamplingParams
 
-    session = Session(model, block_size=16, kv_dtype=kv_dtype)
-    return list(session.generate(list(prompt), n, SamplingParams(temperature=0.0)))
+    engine = Engine(model, kv_dtype=kv_dtype, block_size=16, num_blocks=blocks_for(len(prompt) + n, 16))
+    return engine.run(list(prompt), SamplingParams(max_tokens=n, ignore_eos=True)).token_ids
 
 
 def main(argv=None) -> int:
