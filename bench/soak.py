@@ -91,9 +91,8 @@ def main(argv=None) -> int:
 
     import numba
 
-    from xllm.engine import LLM
-    from xllm.kv_cache import KVCache
     from xllm import planner
+    from xllm.engine import LLM
 
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -108,7 +107,7 @@ def main(argv=None) -> int:
         model, tok, _ = load_model(args.model or default_model_path())
     budget = planner.kv_pool_bytes(model.config, "fp32", 16, args.blocks)
     llm = LLM(model, tok, block_size=16, kv_cache_bytes=budget, max_num_seqs=16, max_num_batched_tokens=128)
-    assert isinstance(llm.cache, KVCache) and llm.cache.num_blocks == args.blocks
+    assert llm.cache.num_blocks == args.blocks
     vocab = model.config.vocab_size
     system = [random.Random(99).randrange(3, vocab) for _ in range(40)]
 

@@ -330,3 +330,21 @@ def test_a_failed_forward_step_fails_only_its_requests_and_ctrl_c_leaves_the_eng
     assert not engine.has_unfinished() and engine.abort(c) is None and engine.cache.used_blocks == 0
     engine.cache.blocks.check()
     assert engine.run([5, 6], params).token_ids == alone
+
+
+def test_a_message_too_long_even_alone_keeps_the_conversation(llm):
+    from xllm.chat import Conversation, detect_format
+
+    fmt, system = detect_format(llm.tokenizer, llm.metadata)
+    convo = Conversation(llm.tokenizer, fmt, system)
+    convo.add_answer("Hi!", llm.tokenizer.encode("Hello there."))
+    convo.add_answer("And?", llm.tokenizer.encode("Nothing more."))
+    alone = len(convo.render([], "Ok"))
+    # Too long even alone: nothing is dropped, the engine will refuse the prompt.
+    ids = convo.prompt_for("word " * 300, context=200, room=24)
+    assert len(ids) >= 200 and len(convo.turns) == 2 and convo.dropped == 0
+    # Fits with every turn: nothing is dropped.
+    assert convo.prompt_for("Ok", context=1000, room=24) == convo.add_user("Ok") and convo.dropped == 0
+    # Fits only alone: both turns go, and the prompt is the message after the system prompt.
+    assert convo.prompt_for("Ok", context=alone + 24, room=24) == convo.render([], "Ok")
+    assert convo.turns == [] and convo.dropped == 2

@@ -19,7 +19,7 @@ Formats:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 
@@ -144,18 +144,22 @@ class Conversation:
         return ids + encode_parts(self.tok, self.fmt.user(text, not turns, self.system))
 
     def add_user(self, text: str) -> list[int]:
-        """The whole prompt for a new message (a prompt of one message needs no answer)."""
+        """The prompt for a new message after every turn so far."""
         return self.render(self.turns, text)
 
     def prompt_for(self, text: str, context: int, room: int) -> list[int]:
         """The prompt for a new message, dropping the oldest turns until it
-        leaves `room` tokens of the `context` for the answer."""
-        while True:
-            ids = self.render(self.turns, text)
-            if len(ids) + room <= context or not self.turns:
-                return ids
-            self.turns.pop(0)
-            self.dropped += 1
+        leaves `room` tokens of the `context` for the answer. A message too
+        long for the context even alone drops nothing (the engine refuses
+        its prompt, and the conversation stays as it was)."""
+        for first in range(len(self.turns) + 1):
+            ids = self.render(self.turns[first:], text)
+            if len(ids) + room <= context:
+                break
+        if len(ids) < context:
+            del self.turns[:first]
+            self.dropped += first
+        return ids
 
     def add_answer(self, text: str, answer_ids: list[int]) -> None:
         """Record the turn: the user's `text` and the ids the model generated."""
@@ -187,8 +191,6 @@ class ChatSession:
 
     def request(self, text: str, params) -> tuple[list[int], object]:
         """The prompt ids and the params of the request that answers `text`."""
-        from dataclasses import replace
-
         context = self.engine.model.config.context_length
         prompt = self.convo.prompt_for(text, context, min(params.max_tokens, context // 2))
         if self.convo.dropped and not self._told:

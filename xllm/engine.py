@@ -50,14 +50,14 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence as Seq
 
 import numpy as np
 
 from . import planner
 from .errors import XllmError
-from .kv_cache import KVCache, blocks_for
+from .kv_cache import KVCache
 from .model import Batch
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, Sequence

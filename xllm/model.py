@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, blocks_for
 from .ops import ops_for
 from .weights import concat as quant_concat, is_quant
 
@@ -153,7 +153,7 @@ class Llama:
         Generation goes through the engine (`xllm.engine`)."""
         if not 0 < len(ids) <= self.config.context_length:
             raise ValueError(f"logits_for needs 1..{self.config.context_length} tokens, got {len(ids)}")
-        cache = KVCache(self.config, -(-len(ids) // block_size), block_size, kv_dtype, device=self.ops)
+        cache = KVCache(self.config, blocks_for(len(ids), block_size), block_size, kv_dtype, device=self.ops)
         outs = []
         for start in range(0, len(ids), chunk):
             part = [int(t) for t in ids[start : start + chunk]]
