@@ -162,11 +162,12 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 
 
 def write_gguf(path: Path, cfg: ModelConfig, weights: dict, types=None, arch: str = "llama",
-               vocab_size_key: bool = True, extra_tensors: dict | None = None) -> dict:
+               vocab_size_key: bool = True, extra_tensors: dict | None = None, extra_kv: dict | None = None) -> dict:
     """Write a GGUF the way llama.cpp's converter would; returns name -> (qtype, stored bytes/array).
 
     `types` maps canonical names to a GGML type (default F32); quantized data
-    is made with gguf.quants.quantize.
+    is made with gguf.quants.quantize. `extra_kv`: more metadata, key -> str,
+    float (written as float32) or int (uint32).
     """
     types = types or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -192,6 +193,13 @@ def write_gguf(path: Path, cfg: ModelConfig, weights: dict, types=None, arch: st
     w.add_eot_token_id(7)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (extra_kv or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     stored = {}
     for canon, value in weights.items():
         if canon.endswith(".wq"):
@@ -474,8 +482,8 @@ def test_hf_reads_what_transformers_saves(tmp_path):
 def test_hf_rejects_unsupported_rope_scaling(tmp_path):
     cfg = tiny_config()
     write_hf(tmp_path / "m", cfg, random_weights(cfg), config_overrides={
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
-    expect_error(tmp_path / "m", "config.json", "unsupported RoPE scaling", "llama3")
+        "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+    expect_error(tmp_path / "m", "config.json", "unsupported RoPE scaling", "yarn")
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,8 +663,8 @@ def test_error_llama2c_size_mismatch(tmp_path):
 def test_error_gguf_unexpected_tensor(tmp_path):
     cfg = tiny_config()
     write_gguf(tmp_path / "m.gguf", cfg, random_weights(cfg),
-               extra_tensors={"rope_freqs.weight": (Q.F32, np.ones(8, np.float32))})
-    expect_error(tmp_path / "m.gguf", "rope_freqs.weight", "not supported")
+               extra_tensors={"blk.0.attn_q.bias": (Q.F32, np.ones(64, np.float32))})
+    expect_error(tmp_path / "m.gguf", "unexpected tensor 'blk.0.attn_q.bias'")
 
 
 def test_corrupt_headers_give_model_format_errors_only(tmp_path):

@@ -48,6 +48,9 @@ class ModelConfig:
     arch: str = "llama"
     name: str = ""
     extra: dict = field(default_factory=dict)  # anything else a loader wants to keep
+    # RoPE frequency scaling (Llama 3.1 "llama3", "linear", "dynamic", GGUF's per-frequency
+    # divisors), a plain dict described in xllm/rope.py; None for plain RoPE.
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if not self.head_dim and isinstance(self.n_heads, int) and self.n_heads > 0:
@@ -76,6 +79,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 return name, "a finite positive number", value
+        if self.rope_scaling is not None:
+            from .rope import scaling_problem
+
+            bad = scaling_problem(self.rope_scaling, self.head_dim)
+            if bad is not None:
+                return f"rope_scaling.{bad[0]}", bad[1], bad[2]
         for name, ids in (("bos_id", [] if self.bos_id is None else [self.bos_id]), ("eos_ids", self.eos_ids)):
             for i in ids:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:

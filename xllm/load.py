@@ -37,7 +37,8 @@ from .errors import ModelFormatError
 from .model import Llama, prepare_weights
 from .weights import QuantWeight, is_quant
 
-CACHE_FORMAT = 3     # 3: model.json carries digests and the size and sum of weights.bin
+CACHE_FORMAT = 4     # 3: model.json carries digests and the size and sum of weights.bin
+                     # 4: the config carries rope_scaling (a GGUF's linear factor was ignored before)
 
 
 def cache_root() -> Path:

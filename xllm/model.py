@@ -113,7 +113,8 @@ class Llama:
             if id(w) not in uploaded:
                 uploaded[id(w)] = self.ops.upload_weight(w, f32)
             self.w[name] = uploaded[id(w)]
-        self.cos, self.sin = self.ops.rope_tables(config.rope_theta, config.head_dim, config.context_length)
+        self.cos, self.sin = self.ops.rope_tables(config.rope_theta, config.head_dim, config.context_length,
+                                                  config.rope_scaling)
         self.scale = float(config.head_dim) ** -0.5
 
     def forward(self, batch: Batch, cache: KVCache, logit_rows: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..rope import scaling_problem
 from .dequant import KEEPABLE, SUPPORTED, dequantize, keep_blocks
 from .layout import Checkpoint, check_config, check_shapes, check_weights, rope_rows_to_halves
 
@@ -73,6 +74,7 @@ _LAYER_TENSORS = {
     "ffn_up": "w_up", "ffn_down": "w_down",
 }
 _GLOBAL_TENSORS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+ROPE_FREQS = "rope_freqs.weight"    # llama3 RoPE scaling: one divisor per frequency (not a weight)
 
 
 class _Reader:
@@ -301,9 +303,6 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
     if n_experts:
         raise ModelFormatError(
             path, f"mixture-of-experts models are not supported ({p}expert_count={n_experts})")
-    scaling = metadata.get(p + "rope.scaling.type", "none")
-    if scaling != "none":
-        raise ModelFormatError(path, f"unsupported RoPE scaling: {p}rope.scaling.type is {scaling!r}")
 
     dim = _get(path, metadata, p + "embedding_length", int)
     n_heads = _get(path, metadata, p + "attention.head_count", int)
@@ -322,7 +321,8 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
     rope_dims = metadata.get(p + "rope.dimension_count")
     if rope_dims is not None and rope_dims != head_dim:
         raise ModelFormatError(
-            path, f"partial RoPE is not supported: {p}rope.dimension_count={rope_dims}, head dim {head_dim}")
+            path, f"GGUF metadata: field {p}rope.dimension_count: expected the head dim {head_dim} (partial RoPE "
+                  f"is not supported), found {rope_dims!r}")
 
     tensor_shapes = {t.name: t.shape for t in infos}
     vocab = _get(path, metadata, p + "vocab_size", int, required=False)
@@ -355,9 +355,60 @@ def config_from_metadata(path, metadata, infos) -> ModelConfig:
         eos_ids=tuple(eos_ids),
         arch="llama",
         name=str(metadata.get("general.name", "")),
+        rope_scaling=_rope_scaling(path, metadata),
     )
     check_config(path, cfg, "GGUF metadata", _KEYS)
     return cfg
+
+
+def _rope_scaling(path, metadata) -> dict | None:
+    """ModelConfig.rope_scaling from the metadata, read as llama.cpp reads it.
+
+    llama.rope.scaling.type: "none" (no scaling, whatever the factor), "linear",
+    or absent, which llama.cpp takes as "linear"; the factor is
+    llama.rope.scaling.factor, or the older llama.rope.scale_linear (absent or 0:
+    no scaling).  llama3 scaling is not in the metadata: llama.cpp's converter
+    writes its per-frequency divisors as the tensor rope_freqs.weight (see
+    `_with_freq_factors`).  "yarn", "longrope" and others are refused.
+    """
+    p = "llama."
+    kind = metadata.get(p + "rope.scaling.type", "linear")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise ModelFormatError(
+            path, f"unsupported RoPE scaling: GGUF metadata: field {p}rope.scaling.type is {kind!r}, "
+                  f"supported: ['none', 'linear']")
+    key = p + "rope.scaling.factor" if p + "rope.scaling.factor" in metadata else p + "rope.scale_linear"
+    factor = metadata.get(key, 0)
+    if factor == 0 or factor == 1:     # llama.cpp: 0 means no factor
+        return None
+    scaling = {"type": "linear", "factor": factor}
+    bad = scaling_problem(scaling, 0)
+    if bad is not None:
+        raise ModelFormatError(path, f"GGUF metadata: field {key}: expected {bad[1]}, found {bad[2]!r}")
+    return {"type": "linear", "factor": float(factor)}
+
+
+def _with_freq_factors(path, cfg: ModelConfig, values: np.ndarray) -> None:
+    """Put the rope_freqs.weight tensor (llama3 scaling, as llama.cpp's converter writes it) into cfg.
+
+    Its head_dim/2 values divide the frequencies: llama.cpp rotates pair i at
+    position p by p * theta ** (-2i / head_dim) / rope_freqs[i] (1 for the high
+    frequencies, the llama3 factor for the low ones).  A linear factor from the
+    metadata divides them all too, as in llama.cpp.
+    """
+    if values.shape != (cfg.head_dim // 2,):
+        raise ModelFormatError(path, f"tensor '{ROPE_FREQS}' has shape {list(values.shape)}, expected "
+                                     f"[{cfg.head_dim // 2}] (head_dim/2)")
+    factors = [float(v) for v in values]
+    if cfg.rope_scaling is not None:                       # linear
+        factors = [f * cfg.rope_scaling["factor"] for f in factors]
+    scaling = {"type": "freq_factors", "factors": factors}
+    bad = scaling_problem(scaling, cfg.head_dim)
+    if bad is not None:
+        raise ModelFormatError(path, f"tensor '{ROPE_FREQS}': expected {bad[1]}, found {bad[2]!r}")
+    cfg.rope_scaling = scaling
 
 
 def canonical_name(gguf_name: str) -> str | None:
@@ -396,11 +447,16 @@ def load_gguf(path, load_weights: bool = True, keep_quant: bool = False) -> Chec
 
     names: dict[str, str] = {}     # canonical -> GGUF name, for error messages
     for t in infos:
+        if t.name == ROPE_FREQS:
+            raw = np.frombuffer(buf, dtype=np.uint8, count=t.nbytes, offset=data_start + t.offset)
+            _with_freq_factors(path, cfg, dequantize(raw, t.qtype, t.shape))
+            del raw
+            continue
         canon = canonical_name(t.name)
         if canon is None:
-            hint = " (llama3-style RoPE frequency scaling is not supported)" if t.name == "rope_freqs.weight" else ""
-            raise ModelFormatError(path, f"unexpected tensor '{t.name}'{hint}")
+            raise ModelFormatError(path, f"unexpected tensor '{t.name}'")
         names[canon] = t.name
+    infos = [t for t in infos if t.name != ROPE_FREQS]
     # Check names and shapes before the (slower) dequantization.
     check_shapes(path, cfg, {canonical_name(t.name): t.shape for t in infos}, names, gguf_name)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..rope import scaling_problem
 from .layout import Checkpoint, check_config, check_shapes, check_weights
 from .safetensors_file import SafetensorsFile
 
@@ -122,18 +123,17 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
     if not isinstance(rope, dict):
         raise ModelFormatError(path, f"field 'rope_parameters' should be an object, found {rope!r}")
     theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling_key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     scaling = raw.get("rope_scaling") or rope
     if not isinstance(scaling, dict):
         raise ModelFormatError(path, f"field 'rope_scaling' should be an object, found {scaling!r}")
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
-        raise ModelFormatError(
-            path, f"unsupported RoPE scaling: rope type is {rope_type!r}, supported: ['default']")
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(_as_float(theta)):
         raise ModelFormatError(path, f"field 'rope_theta': expected a finite number, found {theta!r}")
-    if raw.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ModelFormatError(path, f"partial RoPE is not supported (partial_rotary_factor="
-                                     f"{raw['partial_rotary_factor']})")
+    for where, fields in (("", raw), (f"{scaling_key}.", scaling)):
+        partial = fields.get("partial_rotary_factor")
+        if partial is not None and partial != 1.0:
+            raise ModelFormatError(path, f"field '{where}partial_rotary_factor': expected 1.0 (partial RoPE is "
+                                         f"not supported), found {partial!r}")
 
     n_heads = get("num_attention_heads", int)
     dim = get("hidden_size", int)
@@ -155,6 +155,9 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
     if not isinstance(tied, bool):
         raise ModelFormatError(path, f"field 'tie_word_embeddings' should be true or false, found {tied!r}")
 
+    context = get("max_position_embeddings", int, default=2048)
+    rope_scaling, context = _rope_scaling(path, scaling_key, scaling, raw, context, head_dim or dim // n_heads)
+
     cfg = ModelConfig(
         n_layers=get("num_hidden_layers", int),
         dim=dim,
@@ -165,15 +168,70 @@ def config_from_json(path: Path, raw: dict, generation: dict | None) -> ModelCon
         head_dim=head_dim,
         rope_theta=float(theta),
         rms_eps=get("rms_norm_eps", float, default=1e-6),
-        context_length=get("max_position_embeddings", int, default=2048),
+        context_length=context,
         tied_embeddings=tied,
         bos_id=bos[0] if bos else None,
         eos_ids=tuple(eos_ids),
         arch="llama",
         name=str(raw.get("_name_or_path", "") or ""),
+        rope_scaling=rope_scaling,
     )
     check_config(path, cfg, None, _KEYS)
     return cfg
+
+
+SUPPORTED_ROPE_TYPES = ["default", "linear", "dynamic", "llama3"]
+
+
+def _rope_scaling(path: Path, key: str, scaling: dict, raw: dict, context: int,
+                  head_dim: int) -> tuple[dict | None, int]:
+    """(ModelConfig.rope_scaling, context length) from config.json's rope scaling object.
+
+    `key` is where the object was found ("rope_scaling", or "rope_parameters"
+    in newer files), `context` is max_position_embeddings.  Which fields each
+    type reads, and their defaults, are transformers' (modeling_rope_utils.py):
+
+      linear   factor
+      llama3   factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+               (a top-level original_max_position_embeddings wins; default max_position_embeddings)
+      dynamic  factor; transformers' reference length is max_position_embeddings (an
+               original_max_position_embeddings here is ignored, as transformers does).
+               Positions past it are what dynamic scaling is for, so xllm's context
+               becomes max_position_embeddings * factor.
+    """
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None, context
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelFormatError(
+            path, f"unsupported RoPE scaling: field '{key}.rope_type' is {rope_type!r}, "
+                  f"supported: {SUPPORTED_ROPE_TYPES}")
+    out: dict = {"type": rope_type, "factor": scaling.get("factor")}
+    names = {"factor": f"{key}.factor", "head_dim": "head_dim"}     # our key -> the file's, for messages
+    if rope_type == "llama3":
+        out["low_freq_factor"] = scaling.get("low_freq_factor")
+        out["high_freq_factor"] = scaling.get("high_freq_factor")
+        names.update(low_freq_factor=f"{key}.low_freq_factor", high_freq_factor=f"{key}.high_freq_factor")
+        if raw.get("original_max_position_embeddings") is not None:
+            out["original_context"] = raw["original_max_position_embeddings"]
+            names["original_context"] = "original_max_position_embeddings"
+        else:
+            out["original_context"] = scaling.get("original_max_position_embeddings", context)
+            names["original_context"] = f"{key}.original_max_position_embeddings"
+    elif rope_type == "dynamic":
+        out["original_context"] = context
+        names["original_context"] = "max_position_embeddings"
+    bad = scaling_problem(out, head_dim)
+    if bad is not None:
+        field, expected, found = bad
+        raise ModelFormatError(path, f"field '{names[field]}': expected {expected} for RoPE scaling {rope_type!r}, "
+                                     f"found {found!r}")
+    for k in ("factor", "low_freq_factor", "high_freq_factor"):
+        if k in out:
+            out[k] = float(out[k])
+    if rope_type == "dynamic":
+        context = int(context * out["factor"])
+    return out, context
 
 
 # ModelConfig field -> the config.json field it comes from, for error messages.

@@ -103,11 +103,12 @@ class Ops:
         """x[rows] as a new array: x [T, D], rows [R] int32 -> [R, D]."""
         raise NotImplementedError
 
-    def rope_tables(self, theta: float, head_dim: int, max_pos: int):
-        """(cos, sin), each [max_pos, head_dim // 2], on this device (see reference.rope_tables)."""
+    def rope_tables(self, theta: float, head_dim: int, max_pos: int, scaling: dict | None = None):
+        """(cos, sin), each [max_pos, head_dim // 2], on this device (see reference.rope_tables;
+        `scaling` is ModelConfig.rope_scaling). Built on the host, once, for every device."""
         from .reference import rope_tables
 
-        cos, sin = rope_tables(theta, head_dim, max_pos)
+        cos, sin = rope_tables(theta, head_dim, max_pos, scaling)
         return self.upload(cos), self.upload(sin)
 
     def rmsnorm(self, x, w, eps: float):

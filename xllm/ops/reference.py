@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..rope import rope_angles
 from ..weights import WEIGHT_FORMATS, is_quant
 from .interface import HostOps
 
@@ -56,17 +57,18 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (x.astype(F64) @ w.astype(F64).T).astype(F32)
 
 
-def rope_tables(theta: float, head_dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(theta: float, head_dim: int, max_pos: int, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cos/sin tables for rotary embeddings, each float32 [max_pos, head_dim // 2].
 
     Frequency i is inv_freq[i] = 1 / theta ** (2i / head_dim); the angle at
-    position p is p * inv_freq[i]. Angles are computed in float64 so that large
-    positions keep their precision, then the tables are rounded to float32.
+    position p is p * inv_freq[i]. `scaling` (ModelConfig.rope_scaling, None
+    for plain RoPE) lowers some frequencies: see xllm/rope.py. Angles are
+    computed in float64 so that large positions keep their precision, then the
+    tables are rounded to float32.
     """
     if head_dim % 2:
         raise ValueError(f"rope_tables: head_dim must be even, got {head_dim}")
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=F64) / head_dim)
-    angles = np.arange(max_pos, dtype=F64)[:, None] * inv_freq[None, :]
+    angles = rope_angles(theta, head_dim, max_pos, scaling)
     return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
 
 
