@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from xllm.errors import XllmError
+from xllm.errors import ModelFormatError, XllmError
 from xllm.loader import load_checkpoint
 from xllm.loader.hf import hf_name
 from xllm.loader.layout import Checkpoint
@@ -25,9 +25,28 @@ from xllm.loader.safetensors_file import write_safetensors
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
+def hf_rope_scaling(ck: Checkpoint) -> tuple[dict | None, int]:
+    """config.json's `rope_scaling` and `max_position_embeddings` for the
+    checkpoint's RoPE scaling (the inverse of what `xllm.loader.hf` reads)."""
+    cfg, s = ck.config, ck.config.rope_scaling
+    if s is None:
+        return None, cfg.context_length
+    if s["type"] == "linear":
+        return {"rope_type": "linear", "factor": s["factor"]}, cfg.context_length
+    if s["type"] == "llama3":
+        return ({"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
+                 "high_freq_factor": s["high_freq_factor"],
+                 "original_max_position_embeddings": s["original_context"]}, cfg.context_length)
+    if s["type"] == "dynamic":    # Hugging Face counts from max_position_embeddings, the original context
+        return {"rope_type": "dynamic", "factor": s["factor"]}, s["original_context"]
+    raise ModelFormatError(ck.path, f"cannot export to a Hugging Face config: its RoPE scaling {s['type']!r} "
+                                    "(per-frequency divisors from a GGUF rope_freqs tensor) has no config.json form")
+
+
 def hf_config(ck: Checkpoint, dtype: str = "F32") -> dict:
     cfg = ck.config
     eos = list(cfg.eos_ids)
+    rope_scaling, max_positions = hf_rope_scaling(ck)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -39,10 +58,10 @@ def hf_config(ck: Checkpoint, dtype: str = "F32") -> dict:
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.context_length,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": cfg.rms_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling,
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tied_embeddings,

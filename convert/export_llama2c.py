@@ -37,6 +37,8 @@ def check_exportable(ck: Checkpoint, out_path) -> list[str]:
     problems = []
     if cfg.rope_theta != ROPE_THETA:
         problems.append(f"rope theta is {cfg.rope_theta:g} but llama2.c always uses {ROPE_THETA:g}")
+    if cfg.rope_scaling is not None:
+        problems.append(f"RoPE scaling {cfg.rope_scaling['type']!r} cannot be stored: llama2.c has plain RoPE only")
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         problems.append(f"head_dim {cfg.head_dim} x {cfg.n_heads} heads != dim {cfg.dim}, "
                         f"but llama2.c derives head_dim as dim / n_heads")

@@ -208,6 +208,12 @@ def test_gguf_matches_transformers(saved, tmp_path):
         ours, _, _ = load_model_no_tokenizer(file)
         assert ours.config.rope_scaling is not None, name
         check_logits(ours.logits_for(ids), ref)
+        if ours.config.rope_scaling["type"] == "freq_factors":     # no config.json form: refused, not dropped
+            from convert.export_hf import export_hf
+            from xllm.errors import ModelFormatError
+
+            with pytest.raises(ModelFormatError, match="rope_freqs"):
+                export_hf(load_checkpoint(file), tmp_path / f"{name}_hf")
 
 
 # ---------------------------------------------------------------- refusals
@@ -265,3 +271,22 @@ def test_config_json_round_trip_of_every_scaling_shape():
         back = ModelConfig(**{**json.loads(json.dumps(cfg.__dict__)), "eos_ids": cfg.eos_ids})
         assert back == cfg
     assert tiny_config(rope_scaling={"type": "yarn"}).invalid_field()[0] == "rope_scaling.type"
+
+
+def test_export_keeps_the_scaling_or_refuses(saved, tmp_path):
+    """convert.export_hf writes the scaling back (same logits from the export);
+    llama2.c, which has plain RoPE only, refuses a scaled model."""
+    from convert.export_hf import export_hf
+    from convert.export_llama2c import export_llama2c
+    from xllm.errors import ModelFormatError
+
+    kind, _, path = saved
+    ck = load_checkpoint(path)
+    ours, _, _ = load_model_no_tokenizer(path)
+    again, _, _ = load_model_no_tokenizer(export_hf(ck, tmp_path / "hf"))
+    assert again.config.rope_scaling == ours.config.rope_scaling
+    assert again.config.context_length == ours.config.context_length
+    ids = prompt(seed=3)
+    np.testing.assert_array_equal(again.logits_for(ids), ours.logits_for(ids))
+    with pytest.raises(ModelFormatError, match="RoPE scaling"):
+        export_llama2c(ck, tmp_path / "m.bin")
