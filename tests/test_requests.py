@@ -328,6 +328,10 @@ def test_a_failed_forward_step_fails_only_its_requests_and_ctrl_c_leaves_the_eng
     with pytest.raises(KeyboardInterrupt):
         engine.step()
     assert not engine.has_unfinished() and engine.abort(c) is None and engine.cache.used_blocks == 0
+    # The interrupted request's end is not lost: the next step hands it out (to whoever waits for it).
+    [late] = engine.step()
+    assert late.request_id == c and late.finished and late.output.error == "interrupted"
+    assert engine.step() == []
     engine.cache.blocks.check()
     assert engine.run([5, 6], params).token_ids == alone
 
@@ -348,3 +352,14 @@ def test_a_message_too_long_even_alone_keeps_the_conversation(llm):
     # Fits only alone: both turns go, and the prompt is the message after the system prompt.
     assert convo.prompt_for("Ok", context=alone + 24, room=24) == convo.render([], "Ok")
     assert convo.turns == [] and convo.dropped == 2
+
+
+def test_a_stream_whose_requests_are_aborted_behind_its_back_raises_instead_of_waiting_forever():
+    llm = LLM(tiny_llama("cpu"), block_size=16, kv_cache_bytes=1 << 20)
+    stream = llm.stream([[5, 6, 7], [8]], [SamplingParams(max_tokens=20, ignore_eos=True),
+                                           SamplingParams(max_tokens=1)])
+    i, _, short = next(stream)                     # the one-token request ends after the first step
+    assert i == 1 and short.finished
+    assert llm.engine.abort(short.request_id - 1) is not None   # the other one, ids go in prompt order
+    with pytest.raises(RuntimeError, match="left the engine without an output"):
+        next(stream)

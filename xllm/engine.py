@@ -194,6 +194,7 @@ class Engine:
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self._lock = threading.RLock()
+        self._undelivered: list[StepOutput] = []     # outputs of a step that raised (`_interrupted`)
 
     # ------------------------------------------------------------ requests
 
@@ -298,6 +299,9 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Run one forward pass; every request it touched, with its new text."""
         with self._lock:
+            if self._undelivered:
+                outputs, self._undelivered = self._undelivered, []
+                return outputs
             if not self._requests:
                 return []
             plan = self.scheduler.schedule()
@@ -309,22 +313,21 @@ class Engine:
                 logits = self.model.forward(batch, self.cache, np.asarray(plan.logit_rows(), np.int32))
             except Exception as e:
                 return [self._fail(row.seq.seq_id, f"the forward step failed: {e}") for row in plan.rows]
-            except BaseException:
-                # Ctrl-C mid-step: the step's keys and values are half written,
-                # so its requests cannot go on; the caller decides the rest.
-                for row in plan.rows:
-                    self._fail(row.seq.seq_id, "interrupted")
+            except BaseException:      # Ctrl-C mid-step: the step's keys and values are half written
+                self._interrupted(plan)
                 raise
             try:
                 return self._advance(plan, logits)
-            except BaseException:
-                # Ctrl-C (or a bug) between the forward pass and the scheduler's
-                # update: the cache holds keys and values the scheduler has not
-                # counted, so the step's unfinished requests cannot go on.
-                for row in plan.rows:
-                    if row.seq.seq_id in self._requests:
-                        self._fail(row.seq.seq_id, "interrupted")
+            except BaseException:      # Ctrl-C (or a bug) before the scheduler counted the step
+                self._interrupted(plan)
                 raise
+
+    def _interrupted(self, plan) -> None:
+        """A step cut short cannot be trusted, so its unfinished requests end
+        with "error". Their outputs come out of the next `step`, so that a
+        caller waiting for them (another thread's stream) hears of it."""
+        self._undelivered += [self._fail(row.seq.seq_id, "interrupted")
+                              for row in plan.rows if row.seq.seq_id in self._requests]
 
     def _advance(self, plan, logits: np.ndarray) -> list[StepOutput]:
         """Sample each request's next token, stop the ones that are done, and
@@ -511,6 +514,9 @@ class LLM:
                     if queue is not None:
                         queue.append(ev)
                 mine = self._take(index)
+                if not mine and not self.engine.has_unfinished():   # nothing left that could answer them
+                    raise RuntimeError(f"requests {sorted(index)} left the engine without an output "
+                                       "(aborted through LLM.engine while a stream waited for them)")
         return mine
 
     def _take(self, index: dict[int, int]) -> list[StepOutput]:
