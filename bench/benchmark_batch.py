@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="time every operator call and print ms per decode step of a full batch")
     ap.add_argument("--json", action="store_true")
+    from xllm.main import add_quantize_args, quantize_options
+
+    add_quantize_args(ap)
     args = ap.parse_args(argv)
 
     import numba
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
     if args.threads:
         numba.set_num_threads(args.threads)
     llm = LLM(args.model, args.tokenizer, kv_dtype=args.kv_dtype, kv_cache_bytes=args.kv_cache_mib << 20,
-              max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch), device=args.device)
+              max_num_seqs=args.batch, max_num_batched_tokens=max(512, args.batch), device=args.device,
+              quantize=quantize_options(args))
     prompts = build_prompts(args, llm)
     # Warm-up and batch 1 use prompts of their own, so that the prefix cache
     # cannot hand the batch run keys and values they computed.
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     run(llm, own, 4, 2, show_progress=False)   # warm-up: page in the weights
     result = {"model": str(args.model or "default (SmolLM2-135M-Instruct)"), "device": llm.model.device,
               "threads": numba.get_num_threads(),
-              "kv_dtype": args.kv_dtype, "workload": args.file or "synthetic"}
+              "kv_dtype": args.kv_dtype, "quantize": args.quantize, "workload": args.file or "synthetic"}
     if not args.cold_kv:
         t0 = time.perf_counter()
         llm.cache.touch()                               # steady state: no first-touch page faults while timed

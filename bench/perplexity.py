@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "cuda-sim"],
                     help="where the model runs (default auto: a GPU when one works)")
+    from xllm.main import add_quantize_args, quantize_options
+
+    add_quantize_args(ap)
     args = ap.parse_args(argv)
 
     import numba
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     if args.threads:
         numba.set_num_threads(args.threads)
     try:
-        model, tok, _ = load_model(args.model, args.tokenizer, device=args.device)
+        model, tok, _ = load_model(args.model, args.tokenizer, device=args.device, quantize=quantize_options(args))
         with open(args.file, encoding="utf-8") as f:
             ids = tok.encode(f.read())
         t0 = time.perf_counter()

@@ -39,9 +39,13 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--f32", action="store_true", help="every weight float32 (a GPU stores float matrices as float16 otherwise)")
+    ap.add_argument("--exact", action="store_true", help="quantized weights multiplied in float32, not with integer activations")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "cuda-sim"],
                     help="where the model runs (default auto: a GPU when one works)")
     ap.add_argument("--json", action="store_true")
+    from xllm.main import add_quantize_args, quantize_options
+
+    add_quantize_args(ap)
     args = ap.parse_args(argv)
 
     import numba
@@ -54,7 +58,8 @@ def main(argv=None) -> int:
 
     numba.set_num_threads(args.threads)
     path = args.model or default_model_path()
-    model, tok, _ = load_model(path, device=args.device, keep_quant=not args.f32)
+    model, tok, _ = load_model(path, device=args.device, keep_quant=not args.f32, quantize=quantize_options(args),
+                                exact=args.exact)
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, args.prompt_tokens)]
     # The engine every caller uses, with the prefix cache off so that every
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     tg = statistics.median(r[1] for r in runs)
     bpt = weight_bytes_per_token(model)
     result = {
-        "model": str(path), "device": model.device, "weights": "f32" if args.f32 else "native",
+        "model": str(path), "device": model.device, "weights": args.quantize or ("f32" if args.f32 else "native"),
         "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens, "prompt_tok_s": round(pp, 1),
         "decode_tokens": args.decode_tokens, "decode_tok_s": round(tg, 1),
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"model {path} on {model.device}, {'f32' if args.f32 else 'native'} weights, {args.threads} threads")
+        print(f"model {path} on {model.device}, {result['weights']} weights, {args.threads} threads")
         print(f"prompt ({args.prompt_tokens} tokens): {pp:8.1f} tok/s")
         print(f"decode ({args.decode_tokens} tokens): {tg:8.1f} tok/s  "
               f"= {bpt / 1e6:.0f} MB of weights/token x tok/s = {bpt * tg / 1e9:.1f} GB/s")

@@ -9,6 +9,12 @@ the same drawn inputs is checked as well (`check_on`).
 The simulator runs every GPU thread as a Python thread, so inputs are drawn
 smaller there: `size(device, n)` is the largest size to draw.
 
+Exactness. `linear` has two paths for quantized weights (xllm/ops/interface.py):
+float32 on the dequantized matrix (`exact=True`), and int8 activations with
+integer dot products (the CPU's default). The operator tests here run the
+exact one on every device (`get_ops(device, exact=True)`); tests/test_ops_intmatmul.py
+checks the integer one against `reference.linear_int`.
+
 `assert_close` is the only float comparison used: it requires the expected
 values to be finite and uses np.testing.assert_allclose, which fails on any NaN
 the expected array does not have, so a kernel that returns NaN cannot pass.
@@ -39,8 +45,8 @@ GPU_SHAPES = os.environ.get("XLLM_GPU_SHAPES") == "1"     # pytest -m gpu on a r
 EXAMPLES = settings(max_examples=30, deadline=None)
 FEW_EXAMPLES = settings(max_examples=12, deadline=None)
 
-cpu = get_ops("cpu")
-ref = get_ops("reference")
+cpu = get_ops("cpu", exact=True)
+ref = get_ops("reference", exact=True)
 
 
 def size(device: str, n: int) -> int:
@@ -60,7 +66,7 @@ def on(device: str, op: str, *args, **kwargs):
     Arguments that are not numpy arrays (weights already uploaded, scalars,
     None) pass as they are.
     """
-    ops = get_ops(device)
+    ops = get_ops(device, exact=True)
     up = [ops.upload(a) if isinstance(a, np.ndarray) else a for a in args]
     out = getattr(ops, op)(*up, **kwargs)
     if out is None:
@@ -82,7 +88,7 @@ def check_on(device: str, op: str, args, expected, compare) -> np.ndarray:
 def upload_weight(device: str, w):
     """A weight (array or QuantWeight) in `device`'s memory in the format it has
     (the model's `upload_weight` would store float32 matrices as float16 on a GPU)."""
-    ops = get_ops(device)
+    ops = get_ops(device, exact=True)
     return w.map_arrays(ops.upload) if hasattr(w, "map_arrays") else ops.upload(w)
 
 

@@ -759,3 +759,95 @@ def test_tokenizer_mismatch_is_one_line_cli_error(tmp_path, default_gguf):
     assert run.returncode == 2 and "Traceback" not in run.stderr
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith("xllm: error: ") and "found 49152" in line and "at most 96" in line
+
+
+# --------------------------------------------------------------------------------------------
+# Float16 matrices kept as they are stored; W8A8 checkpoints in the compressed-tensors layout
+
+
+def test_f16_matrices_stay_float16_with_keep_quant(tmp_path):
+    cfg = tiny_config()
+    weights = random_weights(cfg)
+    write_hf(tmp_path / "hf", cfg, weights, "F16")
+    write_gguf(tmp_path / "m.gguf", cfg, weights, types={n: Q.F16 for n, w in weights.items() if w.ndim == 2})
+    for path in (tmp_path / "hf", tmp_path / "m.gguf"):
+        kept = load_checkpoint(path, keep_quant=True).weights
+        assert kept["layers.0.wq"].dtype == np.float16 and kept["tok_embeddings"].dtype == np.float16, path
+        assert kept["layers.0.attn_norm"].dtype == np.float32
+        wide = load_checkpoint(path).weights                  # keep_quant=False (--f32): float32
+        assert wide["layers.0.wq"].dtype == np.float32
+        np.testing.assert_array_equal(kept["layers.0.wq"].astype(np.float32), wide["layers.0.wq"])
+
+
+def test_bf16_becomes_float16_only_when_exact(tmp_path, capsys):
+    cfg = tiny_config()
+    weights = random_weights(cfg, bf16_exact=True)
+    for w in weights.values():
+        w[np.abs(w) < 1e-3] = 0                              # 8 significant bits, no tiny ones: exact in float16
+    weights["layers.1.w_up"][0, 0] = 2.0 ** -100             # a bfloat16 value float16 cannot hold
+    write_hf(tmp_path / "m", cfg, weights, "BF16")
+    kept = load_checkpoint(tmp_path / "m", keep_quant=True).weights
+    assert kept["layers.0.wq"].dtype == np.float16
+    assert kept["layers.1.w_up"].dtype == np.float32 and kept["layers.1.w_up"][0, 0] == 2.0 ** -100
+    (notice,) = capsys.readouterr().err.strip().splitlines()
+    assert "model.layers.1.mlp.up_proj.weight" in notice and "float32" in notice
+
+
+def write_w8a8(directory: Path, cfg: ModelConfig, seed: int = 0, scale_dtype: str = "F32",
+               config_overrides: dict | None = None, drop: str | None = None, replace: dict | None = None):
+    """A W8A8 directory as vLLM's llm-compressor writes it; returns the dequantized layer matrices."""
+    from xllm.loader.compressed import quantization_config
+    from xllm.loader.safetensors_file import write_safetensors as write_tensors
+
+    rng = np.random.default_rng(seed)
+    tensors, values = {}, {}
+    for name, w in random_weights(cfg, seed).items():
+        if name.split(".")[-1] in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            q = rng.integers(-127, 128, w.shape).astype(np.int8)
+            d = (rng.random((w.shape[0], 1)) * 0.01).astype(np.float32)
+            if scale_dtype == "BF16":
+                d = (d.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+            tensors[hf_name(name)], tensors[hf_name(name) + "_scale"] = q, d
+            values[name] = d * q.astype(np.float32)
+        else:
+            tensors[hf_name(name)] = w
+    tensors.pop(drop, None)
+    tensors.update(replace or {})
+    directory.mkdir(parents=True, exist_ok=True)
+    qc = quantization_config(["lm_head"])
+    qc["config_groups"]["group_0"]["weights"].update(observer="minmax", actorder=None, block_structure=None)
+    overrides = {"torch_dtype": "bfloat16", "quantization_config": qc, **(config_overrides or {})}
+    (directory / "config.json").write_text(json.dumps(hf_config_json(cfg, **overrides)))
+    write_tensors(directory / "model.safetensors", tensors, scale_dtype)
+    return values
+
+
+@pytest.mark.parametrize("scale_dtype", ["F32", "BF16"])
+def test_compressed_tensors_w8a8_loads_as_quant_weights(tmp_path, scale_dtype):
+    cfg = tiny_config()
+    values = write_w8a8(tmp_path / "m", cfg, scale_dtype=scale_dtype)
+    ck = load_checkpoint(tmp_path / "m", keep_quant=True)
+    w = ck.weights["layers.1.wk"]
+    assert w.format == "w8a8" and w.d.shape == (cfg.kv_dim, 1)
+    for name, v in values.items():
+        np.testing.assert_array_equal(ck.weights[name].dequantize(), v, err_msg=name)
+    flat = load_checkpoint(tmp_path / "m").weights
+    np.testing.assert_array_equal(flat["layers.1.w_down"], values["layers.1.w_down"])
+
+
+def test_compressed_tensors_errors(tmp_path):
+    cfg = tiny_config()
+    scale = "model.layers.0.self_attn.q_proj.weight_scale"
+    write_w8a8(tmp_path / "a", cfg, drop=scale)
+    expect_error(tmp_path / "a", "model.layers.0.self_attn.q_proj.weight", "int8", "scales", "missing")
+    write_w8a8(tmp_path / "b", cfg, replace={scale: np.ones((cfg.q_dim, 1), np.int8)})
+    expect_error(tmp_path / "b", scale, "dtype", "expected F32, F16 or BF16", "found I8")
+    write_w8a8(tmp_path / "c", cfg, replace={scale: np.ones(cfg.q_dim, np.float32)})
+    expect_error(tmp_path / "c", scale, f"shape [{cfg.q_dim}]", f"expected [{cfg.q_dim}, 1]")
+    qc = write_w8a8(tmp_path / "d", cfg) and json.loads((tmp_path / "d" / "config.json").read_text())
+    qc["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
+    (tmp_path / "d" / "config.json").write_text(json.dumps(qc))
+    expect_error(tmp_path / "d", "config.json", "quantization_config.config_groups.group_0.weights.strategy",
+                 "expected 'channel'", "found 'tensor'")
+    write_w8a8(tmp_path / "e", cfg, config_overrides={"quantization_config": ...})
+    expect_error(tmp_path / "e", "model.layers.0.self_attn.q_proj.weight_scale", "unexpected tensor")

@@ -51,9 +51,9 @@ def quant_weights(draw, fmt, N, K):
     if draw(st.booleans()):
         values = (rng.standard_normal((N, K)) * rng.uniform(0.01, 2.0)).astype(np.float32)
         return from_gguf(values, fmt)[0]
-    nb = K // 32
+    nb = 1 if fmt == "w8a8" else K // 32
     d = f16_scales(rng, (N, nb), -0.1, 0.1)
-    if fmt == "q8_0":
+    if fmt in ("q8_0", "w8a8"):
         return QuantWeight(fmt, rng.integers(-128, 128, (N, K), dtype=np.int8), d)
     qs = rng.integers(0, 256, (N, K // 2), dtype=np.uint8)
     m = f16_scales(rng, (N, nb), -1.0, 1.0) if fmt == "q4_1" else None

@@ -33,7 +33,15 @@ QTYPE = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 # ---------------------------------------------------------------- helpers
 
 def from_gguf(values: np.ndarray, fmt: str) -> tuple[QuantWeight, np.ndarray]:
-    """Quantize float32 values [N, K] with gguf; return our QuantWeight of the blocks and gguf's dequantization."""
+    """Quantize float32 values [N, K] with gguf; return our QuantWeight of the blocks and gguf's dequantization.
+
+    w8a8 is not a GGUF format: its rows are quantized here the plain way (one
+    symmetric scale per row), and the expected values are d * q.
+    """
+    if fmt == "w8a8":
+        d = (np.abs(values).max(axis=1, keepdims=True, initial=0.0) / np.float32(127)).astype(np.float32)
+        q = np.rint(np.divide(values, d, out=np.zeros_like(values), where=d > 0)).clip(-127, 127).astype(np.int8)
+        return QuantWeight("w8a8", q, d), d * q.astype(np.float32)
     packed = gguf.quants.quantize(values, QTYPE[fmt])
     qw = keep_blocks(np.ascontiguousarray(packed).view(np.uint8).ravel(), QTYPE[fmt], values.shape)
     return qw, gguf.quants.dequantize(packed, QTYPE[fmt]).reshape(values.shape)
@@ -62,8 +70,11 @@ def test_dequantize_is_bit_exact_against_gguf(data, fmt, shape, scale):
     assert ours.dtype == np.float32 and ours.shape == shape and ours.flags.c_contiguous
     np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
     assert qw.shape == shape and qw.format == fmt and qw.ndim == 2 and is_quant(qw) and not is_quant(values)
-    per_block = {"q8_0": 36, "q4_0": 20, "q4_1": 24}[fmt]     # bytes per 32 values, scales as float32
-    assert qw.nbytes == shape[0] * shape[1] // 32 * per_block
+    if fmt == "w8a8":                                          # one byte a value, one scale a row
+        assert qw.nbytes == shape[0] * (shape[1] + 4) and qw.blocks.shape == (shape[0], 1, shape[1])
+    else:
+        per_block = {"q8_0": 36, "q4_0": 20, "q4_1": 24}[fmt]  # bytes per 32 values, scales as float32
+        assert qw.nbytes == shape[0] * shape[1] // 32 * per_block
 
 
 def test_dequantize_formula_by_hand():
@@ -77,6 +88,10 @@ def test_dequantize_formula_by_hand():
     np.testing.assert_array_equal(QuantWeight("q4_1", packed, d, m).dequantize()[0], 2.0 * nibbles - 1.5)
     np.testing.assert_array_equal(QuantWeight("q4_0", packed, d).dequantize()[0], 2.0 * (nibbles - 8))
     assert w.blocks.shape == (1, 1, 32) and QuantWeight("q4_0", packed, d).blocks.shape == (1, 1, 16)
+    row = np.arange(-32, 32, dtype=np.int8).reshape(1, 64)     # w8a8: one scale for the whole row
+    np.testing.assert_array_equal(QuantWeight("w8a8", row, d).dequantize()[0], 2.0 * row[0])
+    with pytest.raises(ValueError, match=r"d must be float32 \(1, 1\)"):
+        QuantWeight("w8a8", row, np.ones((1, 2), np.float32))
 
 
 def test_rows_permutes_and_selects():
@@ -146,7 +161,7 @@ def test_constructor_checks_the_arrays():
 
 # ---------------------------------------------------------------- the loader
 
-def test_gguf_keep_quant_keeps_q8_0_q4_0_q4_1_and_dequantizes_the_rest(tmp_path):
+def test_gguf_keep_quant_keeps_q8_0_q4_0_q4_1_f16_and_dequantizes_the_rest(tmp_path):
     cfg = tiny_config(tied_embeddings=True)
     weights = random_weights(cfg, seed=3)
     types = {"tok_embeddings": Q.Q8_0, "layers.0.wq": Q.Q4_1, "layers.0.wk": Q.Q4_0, "layers.0.wv": Q.Q8_0,
@@ -158,7 +173,10 @@ def test_gguf_keep_quant_keeps_q8_0_q4_0_q4_1_and_dequantizes_the_rest(tmp_path)
     assert list(kept.weights) == list(plain.weights)
     for name, w in kept.weights.items():
         expected_format = {Q.Q8_0: "q8_0", Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}.get(types.get(name))
-        if expected_format is None:
+        if types.get(name) == Q.F16:                     # a float16 matrix stays 2 bytes a weight
+            assert isinstance(w, np.ndarray) and w.dtype == np.float16, name
+            np.testing.assert_array_equal(w.astype(np.float32), plain.weights[name], err_msg=name)
+        elif expected_format is None:
             assert isinstance(w, np.ndarray) and w.dtype == np.float32, name
             np.testing.assert_array_equal(w, plain.weights[name], err_msg=name)
         else:

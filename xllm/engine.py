@@ -415,12 +415,15 @@ class LLM:
     def __init__(self, model=None, tokenizer=None, *,
                  kv_dtype: str = "fp32", block_size: int = 128, kv_cache_bytes: int = 1 << 30,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, device: str = "auto",
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, exact: bool = False, quantize=None):
         """`model`: a checkpoint path (default: the default model), or a `Llama`
         already built (then prompts are token ids unless `tokenizer` is given:
         a tokenizer file or directory, or a tokenizer object).
         `device`: "auto" (a GPU when one works, else the CPU), "cpu", "cuda" or
-        "cuda-sim"; a built model brings its own."""
+        "cuda-sim"; a built model brings its own. `exact`: multiply quantized
+        weights in float32 rather than with integer activations (see `Llama`).
+        `quantize`: "w8a8" (or "q8_0", "fp16", or an `xllm.quantize.QuantizeOptions`
+        for smoothing) quantizes a checkpoint's float weights at load."""
         from .download import default_model_path
         from .load import load_model
         from .model import Llama
@@ -432,7 +435,8 @@ class LLM:
             self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         else:
             path = model or default_model_path()
-            self.model, self.tokenizer, self.metadata = load_model(path, tokenizer, device)
+            self.model, self.tokenizer, self.metadata = load_model(path, tokenizer, device, exact=exact,
+                                                                  quantize=quantize)
         self.engine = Engine(self.model, self.tokenizer, kv_dtype=kv_dtype, block_size=block_size,
                              kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens, prefix_caching=prefix_caching)

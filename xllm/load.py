@@ -35,10 +35,12 @@ import numpy as np
 from .config import ModelConfig
 from .errors import ModelFormatError
 from .model import Llama, prepare_weights
+from .quantize import QuantizeOptions, quantize_checkpoint
 from .weights import QuantWeight, is_quant
 
-CACHE_FORMAT = 4     # 3: model.json carries digests and the size and sum of weights.bin
+CACHE_FORMAT = 5     # 3: model.json carries digests and the size and sum of weights.bin
                      # 4: the config carries rope_scaling (a GGUF's linear factor was ignored before)
+                     # 5: float16 matrices and w8a8 QuantWeights; entries of weights quantized at load
 
 
 def cache_root() -> Path:
@@ -213,20 +215,25 @@ def _discard(entry: Path) -> None:
 # Loading a model
 
 
-def load_prepared(path, use_cache: bool = True, keep_quant: bool = True):
+def load_prepared(path, use_cache: bool = True, keep_quant: bool = True, quantize: QuantizeOptions | None = None,
+                  tokenizer_path=None):
     """(config, prepared weights, metadata, kind) for the checkpoint at `path`.
 
-    keep_quant: matrices stored in a block-quantized format the kernels read
-    directly (GGUF Q8_0, Q4_0, Q4_1) stay in it: the same values as their
-    float32 dequantization, in a quarter to an eighth of the bytes. With
+    keep_quant: matrices stored in a format the kernels read directly (GGUF
+    Q8_0, Q4_0, Q4_1, W8A8 int8, float16) stay in it: the same values as
+    their float32 conversion, in a half to an eighth of the bytes. With
     keep_quant=False every weight is float32.
+    quantize: instead, quantize the float values of the checkpoint (a GGUF's
+    blocks dequantized first) as `xllm.quantize` says; smoothing reads the
+    calibration text with the model's tokenizer (or `tokenizer_path`).
     """
     from .loader import load_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(path, "no such file or directory")
-    entry = cache_root() / "prepared" / (_fingerprint(path) + ("-q" if keep_quant else "-f32"))
+    suffix = "-" + quantize.key() if quantize else ("-q" if keep_quant else "-f32")
+    entry = cache_root() / "prepared" / (_fingerprint(path) + suffix)
     if use_cache and entry.exists():
         try:
             return _load(entry)
@@ -236,8 +243,14 @@ def load_prepared(path, use_cache: bool = True, keep_quant: bool = True):
             what = str(e) if isinstance(e, _Damaged) else f"model.json: {type(e).__name__}: {str(e)[:80]}"
             print(f"xllm: the prepared-weights cache {entry} is damaged ({what}); rebuilding it", file=sys.stderr)
             _discard(entry)
-    ck = load_checkpoint(path, keep_quant=keep_quant)
-    weights = prepare_weights(ck.config, ck.weights)
+    ck = load_checkpoint(path, keep_quant=keep_quant and quantize is None)
+    weights = ck.weights
+    if quantize:
+        tokenizer = None
+        if quantize.smooth is not None:
+            tokenizer = load_tokenizer_for(path, ck.kind, ck.metadata, tokenizer_path)
+        weights = quantize_checkpoint(ck.config, weights, quantize, tokenizer)
+    weights = prepare_weights(ck.config, weights)
     if use_cache:
         try:
             _save(entry, ck.config, ck.metadata, ck.kind, weights)
@@ -280,15 +293,21 @@ def check_tokenizer_fits(tokenizer, config: ModelConfig, tokenizer_file) -> None
                             f"is not the model's")
 
 
-def load_model(path, tokenizer_path=None, device: str = "cpu", use_cache: bool = True, keep_quant: bool = True):
+def load_model(path, tokenizer_path=None, device: str = "cpu", use_cache: bool = True, keep_quant: bool = True,
+               exact: bool = False, quantize: str | QuantizeOptions | None = None):
     """(Llama, tokenizer, metadata) for the checkpoint at `path`, its weights on `device`.
 
     keep_quant=False (the CLIs' --f32) makes every weight float32, on the GPU too.
+    exact=True (the CLIs' --exact) multiplies quantized weights in float32 (see `Llama`).
+    quantize (the CLIs' --quantize): a scheme name ("w8a8", "q8_0", "fp16") or
+    `QuantizeOptions`: quantize the float weights at load (see `load_prepared`).
     """
     from .ops import get_ops, resolve_device
 
     get_ops(resolve_device(device))          # an unusable device fails before the slow part
-    config, weights, metadata, kind = load_prepared(path, use_cache, keep_quant)
+    if isinstance(quantize, str):
+        quantize = QuantizeOptions(quantize)
+    config, weights, metadata, kind = load_prepared(path, use_cache, keep_quant, quantize, tokenizer_path)
     tokenizer = load_tokenizer_for(path, kind, metadata, tokenizer_path)
     check_tokenizer_fits(tokenizer, config, tokenizer_path if tokenizer_path is not None else path)
-    return Llama(config, weights, device, f32=not keep_quant), tokenizer, metadata
+    return Llama(config, weights, device, f32=not keep_quant, exact=exact), tokenizer, metadata

@@ -40,11 +40,40 @@ def parse_args(argv=None):
     p.add_argument("--f32", action="store_true",
                    help="every weight float32 (the default keeps GGUF Q8_0/Q4_0/Q4_1 blocks, same values, "
                         "and stores float matrices as float16 on a GPU)")
+    p.add_argument("--exact", action="store_true",
+                   help="multiply quantized weights in float32 (default: integer activations and "
+                        "dot products on the CPU, as llama.cpp does)")
+    add_quantize_args(p)
     p.add_argument("--kv-dtype", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="how the KV cache stores keys and values (int8: one scale per token per head)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the prepared-weights cache")
     p.add_argument("--stats", action="store_true", help="print token counts and speed after each answer")
     return p.parse_args(argv)
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """--quantize, --smooth, --calib: quantize the float weights at load (the benchmarks share them)."""
+    p.add_argument("--quantize", choices=["w8a8", "q8_0", "fp16"], default=None,
+                   help="quantize the weights at load: w8a8 = int8 per output channel with int8 activations "
+                        "(a GGUF's blocks are dequantized first); see xllm/quantize.py")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="with --quantize w8a8: SmoothQuant smoothing with this alpha (0.5 is usual)")
+    p.add_argument("--calib", default=None, help="the calibration text for --smooth "
+                                                 "(default ../shared/data/shareGPT_sample.txt)")
+
+
+def quantize_options(args):
+    """The `QuantizeOptions` of parsed --quantize/--smooth/--calib, or None; a bad mix is an XllmError."""
+    from .quantize import QuantizeOptions
+
+    if args.quantize is None:
+        if args.smooth is not None:
+            raise XllmError("--smooth needs --quantize w8a8")
+        return None
+    try:
+        return QuantizeOptions(args.quantize, args.smooth, args.calib)
+    except ValueError as e:
+        raise XllmError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -82,7 +111,7 @@ def run(args) -> int:
     get_ops(resolve_device(args.device))     # a device that cannot run fails before the download
     path = args.model or default_model_path(log=lambda m: print(m, file=sys.stderr))
     model, tok, metadata = load_model(path, args.tokenizer, device=args.device, use_cache=not args.no_cache,
-                                      keep_quant=not args.f32)
+                                      keep_quant=not args.f32, exact=args.exact, quantize=quantize_options(args))
     fmt, default_system = detect_format(tok, metadata)
     if args.chat_format != "auto":
         fmt = FORMATS[args.chat_format]()

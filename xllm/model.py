@@ -97,15 +97,18 @@ def _stack(parts):
 
 
 class Llama:
-    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], device="cpu", f32: bool = False):
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], device="cpu", f32: bool = False,
+                 exact: bool = False):
         """`weights` in the layout of `prepare_weights`, on the host.
 
         `device`: "cpu", "cuda", "cuda-sim", "reference", "auto" (a GPU when
         one works), or an `Ops` object. The weights are uploaded once; a GPU stores float matrices
-        as float16 unless `f32` (GGUF blocks stay as they are everywhere).
+        as float16 unless `f32` (GGUF blocks stay as they are everywhere). `exact`
+        multiplies quantized weights in float32 instead of quantizing the
+        activations to integers (`xllm.ops.get_ops`); it does not apply to an `Ops` object.
         """
         self.config = config
-        self.ops = ops_for(device)
+        self.ops = ops_for(device, exact)
         self.device = self.ops.name
         uploaded: dict[int, object] = {}        # tied embeddings: one upload for both names
         self.w = {}

@@ -58,6 +58,10 @@ def _store(w: np.ndarray, weight_format: str):
         return w
     if weight_format == "f16":
         return w.astype(np.float16)
+    if weight_format == "w8a8":
+        from .quantize import quantize_w8a8
+
+        return quantize_w8a8(w)
     import gguf
 
     from .loader.dequant import keep_blocks

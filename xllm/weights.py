@@ -10,6 +10,8 @@ stands for; `weight_format(w)` names the format, and the registry
     "f16"   a float16 array [N, K] (the GPU's default for     2 bytes
             float checkpoints); the kernels read its bits
     "q8_0", "q4_0", "q4_1"   a `QuantWeight` (below)           1.125 / 0.625 / 0.75
+    "w8a8"  a `QuantWeight`: int8 with one scale per row         1 (+ 4 per row)
+            (per output channel), made by `xllm.quantize`
 
 The loader makes these (`xllm.loader`), a device's `upload_weight` moves them
 into its memory; the arrays of a QuantWeight may then be device arrays.
@@ -30,7 +32,16 @@ columns 32b .. 32b+31):
     q4_0    uint8 [N, K/2], two per     d                            d * (q - 8)
     q4_1      byte (see below)          d, m                         d * q + m
 
+    w8a8    int8  [N, K]                d  float32 [N, 1]            d * q
+
 Bytes per weight: q8_0 1.125, q4_0 0.625, q4_1 0.75 (float32 is 4).
+
+w8a8 is q8_0 with one block per row: a symmetric per-output-channel scale,
+as in SmoothQuant and the "compressed-tensors" checkpoints. Its name says how
+the CPU multiplies it: the activations are quantized to int8 too, one scale
+per token row, and the dot products run on integers (xllm/ops/reference.py,
+`linear_int`). The GGUF formats are multiplied the same way (with int16
+activations) unless exactness is asked for; see `xllm.ops.get_ops(..., exact=True)`.
 
 Packing of the 4-bit formats, as in GGUF: the 16 bytes of a block hold its
 32 values as nibbles, byte j holding value j in its low 4 bits and value
@@ -57,19 +68,25 @@ from functools import cached_property
 import numpy as np
 
 BLOCK = 32                                     # values per block, in every format
-FORMATS = ("q8_0", "q4_0", "q4_1")             # the block formats of QuantWeight
+FORMATS = ("q8_0", "q4_0", "q4_1", "w8a8")     # the formats of QuantWeight
 WEIGHT_FORMATS = ("f32", "f16") + FORMATS      # every format an operator accepts
-_QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8}
-_HAS_MIN = {"q8_0": False, "q4_0": False, "q4_1": True}
+_QS_DTYPE = {"q8_0": np.int8, "q4_0": np.uint8, "q4_1": np.uint8, "w8a8": np.int8}
+_HAS_MIN = {"q8_0": False, "q4_0": False, "q4_1": True, "w8a8": False}
+_INT8 = ("q8_0", "w8a8")                       # one int8 per value (the others pack two nibbles)
+
+
+def blocks_per_row(format: str, K: int) -> int:
+    """Scales per row of length K: K/32, or 1 for w8a8 (one scale per row)."""
+    return 1 if format == "w8a8" else K // BLOCK
 
 
 @dataclass(frozen=True, eq=False)
 class QuantWeight:
     """A [N, K] weight matrix in one of the block formats of the module docstring.
 
-    qs   the quantized integers, row-major: int8 [N, K] (q8_0) or packed
-         uint8 [N, K/2] (q4_0, q4_1)
-    d    float32 [N, K/32]: the scale of each block
+    qs   the quantized integers, row-major: int8 [N, K] (q8_0, w8a8) or
+         packed uint8 [N, K/2] (q4_0, q4_1)
+    d    float32 [N, K/32]: the scale of each block ([N, 1] for w8a8)
     m    float32 [N, K/32]: the offset of each block (q4_1 only, else None)
 
     All arrays are C-contiguous: numpy arrays, or a device's arrays after
@@ -93,13 +110,14 @@ class QuantWeight:
         N, K = self.shape
         if K % BLOCK:
             raise ValueError(f"QuantWeight {self.format}: row length {K} is not a multiple of {BLOCK}")
+        nb = blocks_per_row(self.format, K)
         scales = [("d", d)] + ([("m", m)] if _HAS_MIN[self.format] else [])
         if not _HAS_MIN[self.format] and m is not None:
             raise ValueError(f"QuantWeight {self.format}: this format has no offsets m")
         for name, s in scales:
-            if s is None or s.dtype != np.float32 or s.shape != (N, K // BLOCK):
+            if s is None or s.dtype != np.float32 or s.shape != (N, nb):
                 got = "None" if s is None else f"{s.dtype} {s.shape}"
-                raise ValueError(f"QuantWeight {self.format}: {name} must be float32 {(N, K // BLOCK)}, got {got}")
+                raise ValueError(f"QuantWeight {self.format}: {name} must be float32 {(N, nb)}, got {got}")
         for name, a in [("qs", qs)] + scales:
             if not a.flags["C_CONTIGUOUS"]:       # item access: device arrays' flags are a dict
                 raise ValueError(f"QuantWeight {self.format}: {name} must be C-contiguous")
@@ -110,19 +128,21 @@ class QuantWeight:
     def shape(self) -> tuple[int, int]:
         """(N, K): the shape of the float32 matrix this stands for."""
         N, cols = self.qs.shape
-        return (N, cols if self.format == "q8_0" else 2 * cols)
+        return (N, cols if self.format in _INT8 else 2 * cols)
 
     ndim = 2
 
     @cached_property
     def blocks(self) -> np.ndarray:
-        """qs viewed as [N, K/32, bytes per block] (32 for q8_0, 16 for the 4-bit formats).
+        """qs viewed as [N, blocks per row, bytes per block]: [N, K/32, 32] for q8_0,
+        [N, K/32, 16] for the 4-bit formats, [N, 1, K] for w8a8.
 
         Block b of row n is blocks[n, b]. The CPU kernels take this view (see
         xllm/ops/cpu/qmatmul.py); it is made once and kept.
         """
-        N, K = self.shape
-        return self.qs.reshape(N, K // BLOCK, self.qs.shape[1] * BLOCK // K)
+        N = self.qs.shape[0]
+        nb = self.d.shape[1]
+        return self.qs.reshape(N, nb, self.qs.shape[1] // nb if nb else 0)
 
     @property
     def nbytes(self) -> int:
@@ -141,10 +161,10 @@ class QuantWeight:
         `gguf.quants.dequantize` of the file's blocks.
         """
         N, K = self.shape
-        nb = K // BLOCK
+        nb = self.d.shape[1]
         d = self.d[:, :, None]                                   # [N, nb, 1]
-        if self.format == "q8_0":
-            q = self.qs.reshape(N, nb, BLOCK).astype(np.float32)
+        if self.format in _INT8:
+            q = self.qs.reshape(N, nb, K // nb if nb else 0).astype(np.float32)
             return (d * q).reshape(N, K)
         packed = self.qs.reshape(N, nb, BLOCK // 2)
         q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.float32)   # [N, nb, 32]
@@ -211,10 +231,11 @@ class QuantWeight:
         N, K = (int(s) for s in shape)
         if format not in FORMATS:
             raise ValueError(f"QuantWeight: unknown format {format!r}; known: {', '.join(FORMATS)}")
-        cols = K if format == "q8_0" else K // 2
+        cols = K if format in _INT8 else K // 2
+        nb = blocks_per_row(format, K)
         qs = np.asarray(arrays["qs"]).view(_QS_DTYPE[format]).reshape(N, cols)
-        d = np.asarray(arrays["d"]).view(np.float32).reshape(N, K // BLOCK)
-        m = np.asarray(arrays["m"]).view(np.float32).reshape(N, K // BLOCK) if _HAS_MIN[format] else None
+        d = np.asarray(arrays["d"]).view(np.float32).reshape(N, nb)
+        m = np.asarray(arrays["m"]).view(np.float32).reshape(N, nb) if _HAS_MIN[format] else None
         return cls(format, qs, d, m)
 
 

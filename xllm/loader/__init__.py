@@ -16,10 +16,12 @@ Every problem with the input is raised as one `ModelFormatError`.
 
     ck = load_checkpoint(path, keep_quant=True)
 
-keeps the GGUF matrices stored as Q8_0, Q4_0 or Q4_1 in their blocks: those
-weights are `xllm.weights.QuantWeight`s (3.5 to 6.4 times smaller than float32,
-and the CPU operators compute with them directly); every other tensor, and
-every tensor of a Hugging Face or llama2.c checkpoint, is float32 as usual.
+keeps the GGUF matrices stored as Q8_0, Q4_0 or Q4_1 in their blocks, and
+the int8 matrices of a compressed-tensors W8A8 directory: those weights are
+`xllm.weights.QuantWeight`s (3.5 to 6.4 times smaller than float32, and the
+CPU operators compute with them directly). Matrices stored as float16 (GGUF
+F16, safetensors F16, and BF16 when float16 holds every value exactly) stay
+float16 arrays. Every other tensor, and every llama2.c tensor, is float32.
 """
 
 from __future__ import annotations
@@ -35,18 +37,18 @@ __all__ = ["Checkpoint", "load_checkpoint", "expected_shapes", "rope_rows_to_hal
 def load_checkpoint(path, *, load_weights: bool = True, keep_quant: bool = False) -> Checkpoint:
     """Load a checkpoint; with `load_weights=False` only config and metadata (weights == {}).
 
-    `keep_quant=True`: GGUF tensors stored as Q8_0/Q4_0/Q4_1 come back as
-    QuantWeights instead of float32 arrays (other formats ignore the flag).
+    `keep_quant=True`: matrices stored as Q8_0/Q4_0/Q4_1 (GGUF) or int8 (W8A8)
+    come back as QuantWeights, float16 ones as float16 arrays, instead of float32.
     """
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(p, "no such file or directory")
     if p.is_dir():
         from .hf import load_hf
-        return load_hf(p, load_weights)
+        return load_hf(p, load_weights, keep_quant)
     if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")):
         from .hf import load_hf
-        return load_hf(p.parent, load_weights)
+        return load_hf(p.parent, load_weights, keep_quant)
     try:
         with open(p, "rb") as f:
             magic = f.read(4)

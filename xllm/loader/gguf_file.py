@@ -436,7 +436,8 @@ def gguf_name(canon: str) -> str:
 
 def load_gguf(path, load_weights: bool = True, keep_quant: bool = False) -> Checkpoint:
     """Config, metadata and weights of a GGUF file; with `keep_quant`, Q8_0/Q4_0/Q4_1
-    matrices are kept as QuantWeights (see keep_blocks) instead of dequantized."""
+    matrices are kept as QuantWeights (see keep_blocks) and F16 ones as float16,
+    instead of float32."""
     size = os.path.getsize(path)
     buf = _map(path, size)
     metadata, infos, data_start, version = read_gguf(path, buf)
@@ -466,6 +467,8 @@ def load_gguf(path, load_weights: bool = True, keep_quant: bool = False) -> Chec
             raw = np.frombuffer(buf, dtype=np.uint8, count=t.nbytes, offset=data_start + t.offset)
             if keep_quant and t.qtype in KEEPABLE and len(t.shape) == 2:
                 w = keep_blocks(raw, t.qtype, t.shape)
+            elif keep_quant and t.qtype == GGMLQuantizationType.F16 and len(t.shape) == 2:
+                w = raw.view("<f2").reshape(t.shape).copy()     # float16 matrices stay 2 bytes a weight
             else:
                 w = dequantize(raw, t.qtype, t.shape)
             del raw  # the mmap closes once no array points into it

@@ -4,18 +4,25 @@ A directory holds `config.json` (the hyper-parameters), optionally
 `generation_config.json`, and the weights either in one `model.safetensors`
 or in several shards listed by `model.safetensors.index.json`
 ({"weight_map": {tensor name: shard file}}).  HF weights are already in the
-rotate-half RoPE order xllm uses, so they need only renaming and float32.
+rotate-half RoPE order xllm uses, so they need only renaming and float32
+(with keep_quant, float16 matrices stay float16: see SafetensorsFile.get).
+A W8A8 checkpoint in the compressed-tensors layout (compressed.py) gives
+w8a8 QuantWeights.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..rope import scaling_problem
+from .compressed import SCALE_SUFFIX, is_w8a8, read_w8a8
 from .layout import Checkpoint, check_config, check_shapes, check_weights
 from .safetensors_file import SafetensorsFile
 
@@ -274,7 +281,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     raise ModelFormatError(directory, "no weights: expected model.safetensors or model.safetensors.index.json")
 
 
-def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
+def load_hf(directory: Path, load_weights: bool = True, keep_quant: bool = False) -> Checkpoint:
+    """Config, metadata and weights of an HF directory. keep_quant: float16 (and bfloat16 that
+    float16 holds exactly) matrices stay float16, int8 ones w8a8 QuantWeights; else all float32."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelFormatError(directory, "not a model: a directory must contain config.json "
@@ -284,6 +293,7 @@ def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
     if (directory / "generation_config.json").is_file():
         generation = _read_json(directory / "generation_config.json")
     cfg = config_from_json(config_path, raw, generation)
+    quantized = is_w8a8(config_path, raw)
     metadata = dict(raw)
     if generation is not None:
         metadata["generation_config"] = generation
@@ -309,6 +319,8 @@ def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
 
     names: dict[str, str] = {}     # canonical -> HF name
     for name in located:
+        if quantized and name.endswith(".weight" + SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in located:
+            continue                                    # read with its weight
         canon = canonical_name(name)
         if canon is None:
             if name.endswith("rotary_emb.inv_freq"):   # a buffer some old exports kept; recomputed at run time
@@ -330,6 +342,25 @@ def load_hf(directory: Path, load_weights: bool = True) -> Checkpoint:
 
     weights = {}
     if load_weights:
-        weights = {c: located[n].get(n) for c, n in names.items()}
+        for c, n in names.items():
+            st = located[n]
+            if st.dtype(n) == "I8" and quantized:
+                weights[c] = read_w8a8(st, n, located.get(n + SCALE_SUFFIX), keep_quant)
+            elif st.dtype(n) == "I8":
+                raise ModelFormatError(st.path, f"tensor '{n}' is int8 but config.json has no quantization_config "
+                                                f"(its scales are unknown)")
+            else:
+                weights[c] = st.get(n, keep_16=keep_quant)
+        if keep_quant:
+            _notice_wide_bf16(directory, names, located, weights)
         weights = check_weights(directory, cfg, weights, names)
     return Checkpoint(config=cfg, weights=weights, kind="hf", metadata=metadata, path=str(directory))
+
+
+def _notice_wide_bf16(directory: Path, names: dict[str, str], located: dict, weights: dict) -> None:
+    """One line on stderr when bfloat16 matrices had to become float32 (values float16 cannot hold)."""
+    wide = [n for c, n in names.items() if located[n].dtype(n) == "BF16" and weights[c].ndim == 2
+            and weights[c].dtype == np.float32]
+    if wide:
+        print(f"xllm: {directory}: {len(wide)} bfloat16 matrices (e.g. '{wide[0]}') hold values float16 cannot "
+              f"represent exactly; they are kept as float32", file=sys.stderr)

@@ -30,8 +30,10 @@ that shuffle with `rope_rows_to_halves`.
 
 Quantized weights.  With `load_checkpoint(..., keep_quant=True)` the GGUF
 loader gives the matrices stored as Q8_0/Q4_0/Q4_1 as `QuantWeight`s
-(xllm/weights.py) instead of float32 arrays; same names, same shapes, same
-row order (the RoPE shuffle is undone by reordering their rows).
+(xllm/weights.py) instead of float32 arrays, and the HF loader does the same
+for W8A8 int8 matrices; same names, same shapes, same row order (the RoPE
+shuffle is undone by reordering their rows). Matrices stored as float16
+stay float16 arrays.
 """
 
 from __future__ import annotations
@@ -150,7 +152,12 @@ def check_shapes(path, cfg: ModelConfig, shapes: dict[str, tuple], names: dict[s
 
 def check_weights(path, cfg: ModelConfig, weights: dict[str, np.ndarray], names: dict[str, str] | None = None) -> dict:
     """`check_shapes` on arrays; returns them in canonical order as float32 C-contiguous arrays
-    (QuantWeights are passed through as they are)."""
+    (QuantWeights and float16 matrices are passed through as they are)."""
     check_shapes(path, cfg, {n: w.shape for n, w in weights.items()}, names)
-    return {name: weights[name] if is_quant(weights[name]) else np.ascontiguousarray(weights[name], dtype=np.float32)
+    return {name: weights[name] if _kept(weights[name]) else np.ascontiguousarray(weights[name], dtype=np.float32)
             for name in expected_shapes(cfg)}
+
+
+def _kept(w) -> bool:
+    """A weight the loaders hand on in its own storage: a QuantWeight or a float16 matrix."""
+    return is_quant(w) or (w.dtype == np.float16 and w.ndim == 2 and w.flags["C_CONTIGUOUS"])

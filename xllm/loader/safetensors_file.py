@@ -24,7 +24,8 @@ iff that library refuses it:
 
 A header that is a few bytes short or long, overlapping or gapped tensors,
 trailing bytes: all fail the last rule.  Only then does xllm add its own rule:
-it reads F32, F16, BF16 and F64 tensors (`get` refuses the others).
+it reads F32, F16, BF16 and F64 tensors (`get` refuses the others), and I8
+ones as the integers of a quantized weight (`get_int8`).
 """
 
 from __future__ import annotations
@@ -209,8 +210,17 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 C-contiguous array."""
+    def dtype(self, name: str) -> str:
+        return self.tensors[name][0]
+
+    def get(self, name: str, keep_16: bool = False) -> np.ndarray:
+        """The tensor as a new C-contiguous float32 array.
+
+        keep_16: a matrix (2-D) stored as F16 comes back as float16, half the
+        bytes, the same values; one stored as BF16 too when every value is
+        exactly a float16 (bfloat16 has 3 fewer mantissa bits but 3 more
+        exponent bits: tiny or huge values may not fit) -- else float32.
+        """
         dtype, shape, start, end = self.tensors[name]
         if dtype not in DTYPES:
             raise ModelFormatError(
@@ -218,12 +228,27 @@ class SafetensorsFile:
                            f"found {dtype}")
         np_dtype, size = DTYPES[dtype]
         raw = np.frombuffer(self._buf, dtype=np_dtype, count=(end - start) // size, offset=self.data_start + start)
+        keep_16 = keep_16 and len(shape) == 2
+        if dtype == "F16" and keep_16:
+            return raw.copy().reshape(shape)      # a copy, so the file can be closed
         if dtype == "BF16":
             # bfloat16 is the top half of a float32: shift the bits into place.
             out = (raw.astype(np.uint32) << 16).view(np.float32)
+            if keep_16:
+                half = out.astype(np.float16)
+                if np.array_equal(half.astype(np.float32), out, equal_nan=True):
+                    return half.reshape(shape)
         else:
             out = raw.astype(np.float32)  # always a copy, so the file can be closed
         return out.reshape(shape)
+
+    def get_int8(self, name: str) -> np.ndarray:
+        """An I8 tensor as a new C-contiguous int8 array (the integers of a quantized weight)."""
+        dtype, shape, start, end = self.tensors[name]
+        if dtype != "I8":
+            raise ModelFormatError(self.path, f"tensor '{name}': dtype: expected I8, found {dtype}")
+        return np.frombuffer(self._buf, dtype=np.int8, count=end - start, offset=self.data_start + start
+                             ).copy().reshape(shape)
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -237,13 +262,15 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32", metadata: dict | None = None) -> None:
-    """Write float arrays as one safetensors file, stored as `dtype` (F32, F16 or BF16)."""
+    """Write arrays as one safetensors file: float ones stored as `dtype` (F32, F16 or BF16),
+    int8 ones (quantized weights) as I8."""
     if dtype not in ("F32", "F16", "BF16"):
         raise ValueError(f"unsupported dtype {dtype}")
-    header, offset = {}, 0
+    header, offset, stored = {}, 0, {}
     for name, a in tensors.items():
-        nbytes = a.size * DTYPES[dtype][1]
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        stored[name] = "I8" if a.dtype == np.int8 else dtype
+        nbytes = a.size * DTYPE_BITS[stored[name]] // 8
+        header[name] = {"dtype": stored[name], "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -251,8 +278,10 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32", 
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for a in tensors.values():
-            if dtype == "BF16":
+        for name, a in tensors.items():
+            if stored[name] == "I8":
+                f.write(np.ascontiguousarray(a).tobytes())
+            elif dtype == "BF16":
                 f.write(to_bf16_bits(a).astype("<u2").tobytes())
             else:
                 f.write(np.ascontiguousarray(a, dtype=DTYPES[dtype][0]).tobytes())

@@ -43,14 +43,22 @@ class DeviceNotAvailable(XllmError, ValueError):
     """A known device that this machine (or this process) cannot run."""
 
 
-_instances: dict[str, Ops] = {}
+_instances: dict[tuple[str, bool], Ops] = {}
 
 
-def get_ops(device: str = "cpu") -> Ops:
-    """The operators of `device` (one shared instance per device and process)."""
+def get_ops(device: str = "cpu", exact: bool = False) -> Ops:
+    """The operators of `device` (one shared instance per device, `exact` and process).
+
+    `exact=True` multiplies every weight format in float32, exactly as
+    `w.dequantize()` stands for. The default lets a device quantize the
+    activations to integers where it has integer kernels for a format
+    (`Ops.int_linear_kernels`: the CPU does, for q8_0, q4_0, q4_1 and w8a8),
+    as llama.cpp does; the GPU has none yet, so for it both are the same.
+    """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; known devices: {', '.join(DEVICES)}")
-    if device not in _instances:
+    key = (device, bool(exact) and device in ("cpu", "reference"))
+    if key not in _instances:
         if device == "cpu":
             from .cpu import CpuOps as make
         elif device == "reference":
@@ -58,8 +66,8 @@ def get_ops(device: str = "cpu") -> Ops:
         else:
             _import_numba_cuda(simulator=device == "cuda-sim")
             from .cuda import CudaOps as make
-        _instances[device] = make()
-    return _instances[device]
+        _instances[key] = make(exact=key[1])
+    return _instances[key]
 
 
 def available_devices() -> list[str]:
@@ -81,9 +89,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def ops_for(device) -> Ops:
-    """The operators of `device`: a name ("auto" included) or an `Ops` object, used as it is."""
-    return device if isinstance(device, Ops) else get_ops(resolve_device(device))
+def ops_for(device, exact: bool = False) -> Ops:
+    """The operators of `device`: a name ("auto" included; see `get_ops` for `exact`)
+    or an `Ops` object, used as it is."""
+    return device if isinstance(device, Ops) else get_ops(resolve_device(device), exact)
 
 
 # ---------------------------------------------------------------- finding numba.cuda and a GPU

@@ -123,7 +123,7 @@ def weight_arrays(w) -> tuple:
 
         f32           (w,)                  float32 [N, K]
         f16           (w.view(uint16),)     its bits: kernels convert them (kernels/f16.py)
-        q8_0          (qs, d)               qs = w.blocks, int8 [N, K/32, 32]
+        q8_0, w8a8    (qs, d)               qs = w.blocks, int8 [N, K/32, 32] ([N, 1, K] for w8a8)
         q4_0, q4_1    (qs, d, o, c)         qs = w.blocks, uint8 [N, K/32, 16]; each value is
                                             d * q + o * c: q4_1 o = m, c = 1; q4_0 o = d, c = -8
     """
@@ -131,7 +131,7 @@ def weight_arrays(w) -> tuple:
         return (w.view(np.uint16),) if w.dtype == np.float16 else (w,)
     if w.m is not None:
         return (w.blocks, w.d, w.m, _Q4_1_C)
-    if w.format == "q8_0":
+    if w.format in ("q8_0", "w8a8"):
         return (w.blocks, w.d)
     return (w.blocks, w.d, w.d, _Q4_0_C)
 

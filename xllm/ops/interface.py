@@ -16,10 +16,16 @@ operator returns a new array except `store_kv`, which writes into the caches.
 The meaning of each operator is its numpy version in `xllm/ops/reference.py`.
 
 Weights come in several formats (`xllm/weights.py`: "f32", "f16", "q8_0",
-"q4_0", "q4_1"). A device lists its kernel for each format in
+"q4_0", "q4_1", "w8a8"). A device lists its kernel for each format in
 `linear_kernels` and `embedding_kernels`, and `linear`, `embedding` and
 `logits` below pick one by `weight_format(w)`: this is the one place where
 quantized weights are dispatched, for every device.
+
+`linear_kernels` compute exactly x @ w.dequantize().T in float32. A device
+may also list `int_linear_kernels`: for those formats it quantizes x to
+integers and multiplies integers (`reference.linear_int` is the
+specification; it is what llama.cpp does, and about twice as fast on a CPU). An `Ops` made with
+`exact=False` (the default of `get_ops`) uses them; `exact=True` never does.
 
 Errors: a bad shape raises ValueError at the call on every device (the checks
 are in `checks.py`). A bad index (a token id past the table, a slot past the
@@ -29,6 +35,8 @@ next `download` or `synchronize`, as CUDA itself reports errors.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 
@@ -44,8 +52,17 @@ class Ops:
     """The interface; each device subclasses it (see the module docstring)."""
 
     name = "?"
-    linear_kernels: dict = {}      # weight format -> fn(x, w) -> [T, N]
+    linear_kernels: dict = {}      # weight format -> fn(x, w) -> [T, N], exact float32
+    int_linear_kernels: dict = {}  # weight format -> fn(x, w) -> [T, N], activations quantized
     embedding_kernels: dict = {}   # weight format -> fn(table, ids) -> [T, D]
+
+    def __init__(self, exact: bool = False):
+        self.exact = exact
+
+    @cached_property
+    def _linear(self) -> dict:
+        """The kernel `linear` uses for each format: the integer one unless exact."""
+        return {**self.linear_kernels, **({} if self.exact else self.int_linear_kernels)}
 
     # ------------------------------------------------------------------ memory
 
@@ -93,7 +110,7 @@ class Ops:
     def linear(self, x, w):
         """y = x @ w.T.  x [T, K], w [N, K] (any weight format) -> [T, N]."""
         checks.linear(x, w)
-        return self._kernel(self.linear_kernels, "linear", w)(x, w)
+        return self._kernel(self._linear, "linear", w)(x, w)
 
     def logits(self, x, rows, w):
         """linear(x[rows], w): the output projection of the rows that need logits.  -> [R, V]."""
@@ -141,7 +158,7 @@ class Ops:
                              f"(it has {', '.join(kernels)})") from None
 
     def __repr__(self) -> str:
-        return f"<xllm ops for device {self.name!r}>"
+        return f"<xllm ops for device {self.name!r}{', exact' if self.exact else ''}>"
 
 
 class HostOps(Ops):

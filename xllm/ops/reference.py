@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..rope import rope_angles
-from ..weights import WEIGHT_FORMATS, is_quant
+from ..weights import BLOCK, FORMATS, WEIGHT_FORMATS, is_quant
 from .interface import HostOps
 
 F32 = np.float32
@@ -55,6 +55,81 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if is_quant(w):
         w = w.dequantize()
     return (x.astype(F64) @ w.astype(F64).T).astype(F32)
+
+
+# ---------------------------------------------------------------- the integer path of linear
+
+ACTIVATION_BITS = {"w8a8": 8, "q8_0": 16, "q4_0": 16, "q4_1": 16}   # weight format -> bits of x's integers
+
+
+def quantize_activations(x: np.ndarray, block: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """x [T, K] float32 as integers of `bits` bits (8 or 16), one scale per `block` values of a row.
+
+    Symmetric, as llama.cpp quantizes activations: for each block, with
+    qmax = 127 (8 bits) or 32767 (16 bits),
+        d = max|x| / qmax,   q = rint(x / d) (round half to even), so x ~ d * q.
+    Written with float32 operations the kernels repeat exactly (they run
+    this part without fast-math): inv = 1 / d, q = rint(x * inv). A block
+    of zeros (or of values so small that d is not a normal float32) gets
+    d = 0 and q = 0. A block holding NaN or an infinity gets d = NaN (and
+    q = 0), so that every product with it is NaN.
+    -> (q int8 or int16 [T, K], d float32 [T, K / block]).
+    """
+    qmax, dtype = (F32(127), np.int8) if bits == 8 else (F32(32767), np.int16)
+    T, K = x.shape
+    xb = x.reshape(T, K // block, block).astype(F32)
+    finite = np.isfinite(xb).all(axis=-1)
+    amax = np.where(finite, np.abs(np.where(np.isfinite(xb), xb, 0)).max(axis=-1, initial=F32(0)), F32(0))
+    d = (amax / qmax).astype(F32)
+    small = d < np.finfo(F32).tiny
+    d[small] = 0
+    inv = np.where(small, F32(0), F32(1) / np.where(small, F32(1), d)).astype(F32)
+    q = np.rint(np.where(finite[..., None], xb, 0) * inv[..., None]).astype(dtype)
+    d[~finite] = np.nan
+    return q.reshape(T, K), d
+
+
+def linear_int(x: np.ndarray, w) -> np.ndarray:
+    """linear with integer activations: the integer path of the quantized formats.
+
+    x is quantized with `quantize_activations`: for w8a8 to int8, one scale
+    per row (that is the scheme: SmoothQuant's W8A8); for the GGUF formats
+    to int16, one scale per 32 values (their weight blocks). Each block's dot
+    product is then a sum of integer products, exact in int32:
+
+        q8_0, w8a8   y[t, n] = sum_b  dx[t,b] dw[n,b] * sum_j qx qw
+        q4_0         y[t, n] = sum_b  dx[t,b] dw[n,b] * sum_j qx (qw - 8)
+        q4_1         y[t, n] = sum_b  dx[t,b] (dw[n,b] * sum_j qx qw  +  m[n,b] * sum_j qx)
+
+    Only the activations' rounding separates this from `linear` (at most
+    d/2 per value of x); the rest is float arithmetic on exact integers.
+
+    Why 16 bits for the GGUF formats, when llama.cpp quantizes their
+    activations to 8: the CPU kernels widen both operands to 16-bit lanes
+    for `vpmaddwd` anyway, so int16 activations cost nothing, and they keep
+    the result within float rounding of `linear`. With int8 the default
+    model's first answer changes (as llama.cpp's does on the same file):
+    bench/RESULTS.md has the numbers. An int16 block's sum is at most
+    32 * 32767 * 127, far inside int32.
+    """
+    T, K = x.shape
+    N = w.shape[0]
+    block = K if w.format == "w8a8" else BLOCK
+    nb = K // block
+    qx, dx = quantize_activations(x, block, ACTIVATION_BITS[w.format])
+    qx = qx.reshape(T, nb, block).astype(np.int64)
+    if w.format in ("q8_0", "w8a8"):
+        qw = w.qs.reshape(N, nb, block).astype(np.int64)
+    else:
+        packed = w.qs.reshape(N, nb, BLOCK // 2)
+        qw = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int64)
+        if w.format == "q4_0":
+            qw -= 8
+    isum = np.einsum("tbj,nbj->tnb", qx, qw).astype(F64)            # [T, N, nb], exact
+    y = np.einsum("tnb,tb,nb->tn", isum, dx.astype(F64), w.d.astype(F64))
+    if w.format == "q4_1":
+        y += np.einsum("tb,tb,nb->tn", qx.sum(axis=-1).astype(F64), dx.astype(F64), w.m.astype(F64))
+    return y.astype(F32)
 
 
 def rope_tables(theta: float, head_dim: int, max_pos: int, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +281,7 @@ class ReferenceOps(HostOps):
 
     name = "reference"
     linear_kernels = {fmt: linear for fmt in WEIGHT_FORMATS}
+    int_linear_kernels = {fmt: linear_int for fmt in FORMATS}
     embedding_kernels = {fmt: embedding for fmt in WEIGHT_FORMATS}
 
     rmsnorm = staticmethod(rmsnorm)

@@ -10,7 +10,10 @@ over the rows, in threads (`prange`) when the work is large enough:
   embedding.py        embedding (float tables and quantized ones)
   matmul.py           linear for float32 and float16 weights (GEMV for one
                       token, register-tiled GEMM for many)
-  qmatmul.py          linear for the GGUF block formats (q8_0, q4_0, q4_1)
+  qmatmul.py          linear for the quantized formats (q8_0, q4_0, q4_1, w8a8),
+                      exactly, in float32 (`get_ops("cpu", exact=True)`)
+  intmatmul.py        the same with integer activations and dot products:
+                      the default, several times faster (`reference.linear_int`)
   kv_storage.py       store_kv (float32, float16 or int8 caches)
   paged_attention.py  attention (causal, paged, ragged batch, GQA)
   common.py           fast-math flags, serial and parallel drivers, index checks
@@ -24,12 +27,13 @@ every driver and body is then plain Python (and `prange` a plain `range`).
 from __future__ import annotations
 
 from ..interface import HostOps
-from . import embedding, kv_storage, matmul, paged_attention, pointwise, qmatmul
+from . import embedding, intmatmul, kv_storage, matmul, paged_attention, pointwise, qmatmul
 
 
 class CpuOps(HostOps):
     name = "cpu"
     linear_kernels = {**matmul.LINEAR, **qmatmul.LINEAR}
+    int_linear_kernels = intmatmul.LINEAR
     embedding_kernels = embedding.EMBEDDING
 
     rmsnorm = staticmethod(pointwise.rmsnorm)

@@ -26,8 +26,8 @@ from numba.core import caching
 from ..kernels import compile_bodies
 
 _bodies = compile_bodies(numba.njit(inline="always"))
-attend, expf, f16, kv_format, qblock, rows = (
-    _bodies.attend, _bodies.expf, _bodies.f16, _bodies.kv_format, _bodies.qblock, _bodies.rows)
+attend, expf, f16, kv_format, qblock, qdot, rows = (
+    _bodies.attend, _bodies.expf, _bodies.f16, _bodies.kv_format, _bodies.qblock, _bodies.qdot, _bodies.rows)
 
 
 # ---------------------------------------------------------------- the cache sees the bodies

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ...weights import BLOCK
 from .. import checks
 from . import common
 from .bodies import qblock
@@ -77,9 +76,10 @@ def embedding_float(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def embedding_quant(table, ids: np.ndarray) -> np.ndarray:
     """out[t] = table.dequantize()[ids[t]], dequantizing only those rows.  -> new float32 [T, D]."""
     out = np.empty((ids.shape[0], table.shape[1]), np.float32)
-    blocks = out.reshape(ids.shape[0], table.shape[1] // BLOCK, BLOCK)
-    return _lookup(_Q8 if table.format == "q8_0" else _Q4, table, ids, out, blocks)
+    nb = table.d.shape[1]                                  # blocks per row (1 for w8a8)
+    blocks = out.reshape(ids.shape[0], nb, table.shape[1] // nb)
+    return _lookup(_Q8 if table.format in ("q8_0", "w8a8") else _Q4, table, ids, out, blocks)
 
 
 EMBEDDING = {"f32": embedding_float, "f16": embedding_float,               # weight format -> kernel
-             "q8_0": embedding_quant, "q4_0": embedding_quant, "q4_1": embedding_quant}
+             "q8_0": embedding_quant, "q4_0": embedding_quant, "q4_1": embedding_quant, "w8a8": embedding_quant}

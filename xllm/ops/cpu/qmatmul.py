@@ -179,4 +179,4 @@ def linear_q4(x: np.ndarray, w) -> np.ndarray:
     return out
 
 
-LINEAR = {"q8_0": linear_q8, "q4_0": linear_q4, "q4_1": linear_q4}     # weight format -> kernel
+LINEAR = {"q8_0": linear_q8, "q4_0": linear_q4, "q4_1": linear_q4, "w8a8": linear_q8}   # format -> kernel

@@ -48,7 +48,8 @@ from .reduce import WARP_LANES
 class CudaOps(Ops):
     """Operators on a GPU ("cuda") or on numba's CUDA simulator ("cuda-sim")."""
 
-    def __init__(self):
+    def __init__(self, exact: bool = False):
+        super().__init__(exact)
         self.simulator = bool(config.ENABLE_CUDASIM)
         self.name = "cuda-sim" if self.simulator else "cuda"
         # Threads per block for row kernels: a multiple of the warp on a GPU. The

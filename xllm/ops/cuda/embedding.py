@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from ...weights import BLOCK
 from .. import checks
 from .bodies import qblock
 from .errors import report
@@ -68,17 +67,18 @@ def embedding_float(ops, table, ids):
 
 
 def embedding_quant(ops, table, ids):
-    """table a q8_0/q4_0/q4_1 QuantWeight [V, D], ids [T] int32 -> new float32 [T, D], the dequantized rows."""
+    """table a QuantWeight [V, D], ids [T] int32 -> new float32 [T, D], the dequantized rows."""
     T, D = ids.shape[0], table.shape[1]
     out = ops.empty((T, D), np.float32)
-    kernel = _embedding_q8 if table.format == "q8_0" else _embedding_q4
-    ops.launch(kernel, ops.blocks(T), ops.threads,
-               *checks.weight_arrays(table), ids, out.reshape(T, D // BLOCK, BLOCK), ops.err)
+    arrays = checks.weight_arrays(table)
+    nb = arrays[0].shape[1]
+    kernel = _embedding_q8 if len(arrays) == 2 else _embedding_q4
+    ops.launch(kernel, ops.blocks(T), ops.threads, *arrays, ids, out.reshape(T, nb, D // nb), ops.err)
     return out
 
 
 EMBEDDING = {"f32": embedding_float, "f16": embedding_float,     # weight format -> fn(ops, table, ids)
-             "q8_0": embedding_quant, "q4_0": embedding_quant, "q4_1": embedding_quant}
+             "q8_0": embedding_quant, "q4_0": embedding_quant, "q4_1": embedding_quant, "w8a8": embedding_quant}
 
 
 # ---------------------------------------------------------------- take_rows

@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from ...weights import BLOCK
 from .. import checks
 from .bodies import qblock
 from .reduce import WARP_LANES, warp_sum
@@ -103,11 +102,15 @@ def _linear_q4(xlo, xhi16, xsum_c, qs, d, o, out):
 
 
 def linear_q8(ops, x, w):
-    """x [T, K] float32, w a q8_0 QuantWeight [N, K] -> new [T, N] float32."""
+    """x [T, K] float32, w a q8_0 or w8a8 QuantWeight [N, K] -> new [T, N] float32.
+
+    A w8a8 matrix is one block per row, so a warp's lanes have only one block
+    to share: correct, not fast (the GPU's int8 kernels are still to come).
+    """
     qs, d = checks.weight_arrays(w)
-    T, N, nb = x.shape[0], qs.shape[0], qs.shape[1]
+    T, N, nb, bs = x.shape[0], qs.shape[0], qs.shape[1], qs.shape[2]
     out = ops.empty((T, N), np.float32)
-    ops.launch(_linear_q8, ops.warp_blocks(T * -(-N // 4)), ops.threads, x.reshape(T, nb, BLOCK), qs, d, out)
+    ops.launch(_linear_q8, ops.warp_blocks(T * -(-N // 4)), ops.threads, x.reshape(T, nb, bs), qs, d, out)
     return out
 
 
@@ -124,4 +127,4 @@ def linear_q4(ops, x, w):
 
 
 LINEAR = {"f32": linear_float, "f16": linear_float,           # weight format -> fn(ops, x, w)
-          "q8_0": linear_q8, "q4_0": linear_q4, "q4_1": linear_q4}
+          "q8_0": linear_q8, "q4_0": linear_q4, "q4_1": linear_q4, "w8a8": linear_q8}

@@ -1,0 +1,188 @@
+"""linear on integers: integer activations times q8_0, q4_0, q4_1 or w8a8 weights.
+
+The specification is `reference.linear_int`; the quantization of the
+activations and the plain form of the dot products are the bodies of
+xllm/ops/kernels/qdot.py. This is the CPU's default for those formats
+(`get_ops("cpu")`); `get_ops("cpu", exact=True)` multiplies in float32
+instead (qmatmul.py).
+
+Each call does two passes:
+
+  1. quantize every token's x once: integer blocks, their scales and sums
+     (`qdot.quantize_row`; int16 per 32 values for the GGUF formats, int8
+     per row for w8a8, as `reference.linear_int` says and explains);
+  2. threads take groups of four weight rows (`qblock.group4`) and compute
+     their dot products with every token, one token after the other.
+
+The dot products (`_idot4_q8`, `_idot4_q4`) step through a row 32 values at
+a time with `simd.dot32_i8` / `simd.dot32_i4`: 32 integer products summed in
+pairs into 16 int32 lanes, converted to float and added, times the block's
+scale, into a 16-lane float accumulator that stays in registers for the
+whole row (cpu/simd.py says why this had to be written in LLVM IR). Four
+rows share each load of x. The per-block offsets are plain arithmetic on
+the flat layout: row n, block b, value j of qs [N, nb, bs] is element
+(n nb + b) bs + j.
+
+In pass 2 the four rows (4 K bytes) stay in the core's L1 cache while the
+tokens stream past them, so each weight is read from memory once per call,
+whatever the number of tokens.
+
+Many tokens. Each token still costs a pass of integer products, while the
+float GEMM of qmatmul.py dequantizes each weight once per call and then
+runs register tiles at full float speed. For the GGUF formats the float
+GEMM wins from `INT_MAX_TOKENS` tokens on (measured on one Sapphire Rapids
+core: q8_0 int/float 2.1-2.4x at 1 token, 1.0x at 8, 0.8-1.1x at 16; q4_1
+2.2x at 1, 0.9x at 4), so calls with more tokens go there. With int16
+activations the two paths agree to within float rounding (reference.linear_int).
+w8a8 stays on integers at every size: its blocks are whole rows, so its
+sums stay integer until the end (`simd.idot32_i8`), and it is faster than
+the float GEMM at 32 tokens too (1.3-1.4x).
+
+q4_0 and q4_1 share a kernel as in qmatmul.py: value = d q + o c, so a
+block adds xd (d * sum qx qw + o c * sum qx); the first sum is the SIMD
+part, the second one number per block.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+from numba.core import config
+
+from .. import checks
+from ..reference import ACTIVATION_BITS
+from . import qmatmul, simd
+from .bodies import qblock, qdot
+from .common import FAST
+
+f32 = np.float32
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _simd_idot4_q8(xq, xd, qs, d, n0, n1, n2, n3, b0, step):
+    """`qdot.idot4_q8` (every block: b0 = 0, step = 1) with 16-lane accumulators."""
+    nb, bs = qs.shape[1], qs.shape[2]
+    a0 = simd.zeros(); a1 = simd.zeros(); a2 = simd.zeros(); a3 = simd.zeros()
+    if bs == 32:                                     # q8_0: each 32 values have their own scale
+        for b in range(nb):
+            xdb = xd[b]
+            x_at = 32 * b
+            a0 = simd.dot32_i8(a0, xq, x_at, qs, (n0 * nb + b) * 32, d[n0, b] * xdb)
+            a1 = simd.dot32_i8(a1, xq, x_at, qs, (n1 * nb + b) * 32, d[n1, b] * xdb)
+            a2 = simd.dot32_i8(a2, xq, x_at, qs, (n2 * nb + b) * 32, d[n2, b] * xdb)
+            a3 = simd.dot32_i8(a3, xq, x_at, qs, (n3 * nb + b) * 32, d[n3, b] * xdb)
+    else:                                            # w8a8: one block, summed as integers first
+        for b in range(nb):
+            i0 = simd.zeros_i32(); i1 = simd.zeros_i32(); i2 = simd.zeros_i32(); i3 = simd.zeros_i32()
+            for c in range(0, bs, 32):
+                x_at = b * bs + c
+                i0 = simd.idot32_i8(i0, xq, x_at, qs, (n0 * nb + b) * bs + c)
+                i1 = simd.idot32_i8(i1, xq, x_at, qs, (n1 * nb + b) * bs + c)
+                i2 = simd.idot32_i8(i2, xq, x_at, qs, (n2 * nb + b) * bs + c)
+                i3 = simd.idot32_i8(i3, xq, x_at, qs, (n3 * nb + b) * bs + c)
+            xdb = xd[b]
+            a0 = simd.add_scaled(a0, i0, d[n0, b] * xdb)
+            a1 = simd.add_scaled(a1, i1, d[n1, b] * xdb)
+            a2 = simd.add_scaled(a2, i2, d[n2, b] * xdb)
+            a3 = simd.add_scaled(a3, i3, d[n3, b] * xdb)
+    return simd.hsum(a0), simd.hsum(a1), simd.hsum(a2), simd.hsum(a3)
+
+
+@numba.njit(inline="always", fastmath=FAST)
+def _simd_idot4_q4(xq, xd, xsum, qs, d, o, c, n0, n1, n2, n3, b0, step):
+    """`qdot.idot4_q4` (every block) with 16-lane accumulators for the integer part."""
+    nb = qs.shape[1]
+    a0 = simd.zeros(); a1 = simd.zeros(); a2 = simd.zeros(); a3 = simd.zeros()
+    m0 = f32(0.0); m1 = f32(0.0); m2 = f32(0.0); m3 = f32(0.0)
+    for b in range(nb):
+        xdb = xd[b]
+        x_at = 32 * b
+        a0 = simd.dot32_i4(a0, xq, x_at, qs, (n0 * nb + b) * 16, d[n0, b] * xdb)
+        a1 = simd.dot32_i4(a1, xq, x_at, qs, (n1 * nb + b) * 16, d[n1, b] * xdb)
+        a2 = simd.dot32_i4(a2, xq, x_at, qs, (n2 * nb + b) * 16, d[n2, b] * xdb)
+        a3 = simd.dot32_i4(a3, xq, x_at, qs, (n3 * nb + b) * 16, d[n3, b] * xdb)
+        xs = xdb * f32(xsum[b]) * f32(c)
+        m0 += o[n0, b] * xs; m1 += o[n1, b] * xs; m2 += o[n2, b] * xs; m3 += o[n3, b] * xs
+    return simd.hsum(a0) + m0, simd.hsum(a1) + m1, simd.hsum(a2) + m2, simd.hsum(a3) + m3
+
+
+# Without numba the SIMD operations do not exist: step through the plain bodies instead.
+_idot4_q8 = qdot.idot4_q8 if config.DISABLE_JIT else _simd_idot4_q8
+_idot4_q4 = qdot.idot4_q4 if config.DISABLE_JIT else _simd_idot4_q4
+
+
+@numba.njit(parallel=True, cache=True)
+def _quantize(x, qmax, xq, xd, xsum):
+    """Every token of x [T, K] as integer blocks (`qdot.quantize_row`; xq [T, nb, bs] int8 or int16).
+
+    Without fast-math, so that every float operation is the specification's.
+    """
+    for t in prange(x.shape[0]):
+        qdot.quantize_row(x[t], qmax, xq[t], xd[t], xsum[t], 0, 1)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _linear_i8(xq, xd, qs, d, out):
+    """out[t, n] = x[t] . w[n] for a q8_0 or w8a8 matrix (qs int8 [N, nb, bs]), x quantized."""
+    N = qs.shape[0]
+    Q = (N + 3) // 4
+    for g in prange(Q):
+        n0, n1, n2, n3 = qblock.group4(g, Q, N)
+        for t in range(xq.shape[0]):
+            a0, a1, a2, a3 = _idot4_q8(xq[t], xd[t], qs, d, n0, n1, n2, n3, 0, 1)
+            qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
+    """out[t, n] = x[t] . w[n] for a q4_0 (o = d, c = -8) or q4_1 (o = m, c = 1) matrix, x quantized."""
+    N = qs.shape[0]
+    Q = (N + 3) // 4
+    for g in prange(Q):
+        n0, n1, n2, n3 = qblock.group4(g, Q, N)
+        for t in range(xq.shape[0]):
+            a0, a1, a2, a3 = _idot4_q4(xq[t], xd[t], xsum[t], qs, d, o, c, n0, n1, n2, n3, 0, 1)
+            qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
+
+
+def _quantized(x: np.ndarray, nb: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it, plus the blocks' sums:
+    (xq int8 or int16 [T, nb, K/nb], xd float32 [T, nb], xsum int32 [T, nb])."""
+    T, K = x.shape
+    xq = np.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
+    xd = np.empty((T, nb), np.float32)
+    xsum = np.empty((T, nb), np.int32)
+    _quantize(x, np.float32(2 ** (bits - 1) - 1), xq, xd, xsum)
+    return xq, xd, xsum
+
+
+# Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
+INT_MAX_TOKENS = {"q8_0": 8, "q4_0": 4, "q4_1": 4}
+
+
+def linear_i8(x: np.ndarray, w) -> np.ndarray:
+    """`reference.linear_int` for a q8_0 or w8a8 QuantWeight.  x [T, K] -> new [T, N]."""
+    if x.shape[0] > INT_MAX_TOKENS.get(w.format, x.shape[0]):
+        return qmatmul.LINEAR[w.format](x, w)
+    qs, d = checks.weight_arrays(w)
+    out = np.zeros((x.shape[0], qs.shape[0]), np.float32)
+    if out.size and x.shape[1]:
+        xq, xd, _ = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
+        _linear_i8(xq, xd, qs, d, out)
+    return out
+
+
+def linear_i4(x: np.ndarray, w) -> np.ndarray:
+    """`reference.linear_int` for a q4_0 or q4_1 QuantWeight.  x [T, K] -> new [T, N]."""
+    if x.shape[0] > INT_MAX_TOKENS[w.format]:
+        return qmatmul.LINEAR[w.format](x, w)
+    qs, d, o, c = checks.weight_arrays(w)
+    out = np.zeros((x.shape[0], qs.shape[0]), np.float32)
+    if out.size and x.shape[1]:
+        xq, xd, xsum = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
+        _linear_i4(xq, xd, xsum, qs, d, o, c, out)
+    return out
+
+
+LINEAR = {"q8_0": linear_i8, "w8a8": linear_i8, "q4_0": linear_i4, "q4_1": linear_i4}   # format -> kernel
