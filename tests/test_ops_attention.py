@@ -260,6 +260,41 @@ def test_attention_reads_what_a_float32_cache_of_the_dequantized_values_gives(de
     check()
 
 
+def test_both_cpu_drivers_match_the_reference_and_each_other_bit_for_bit():
+    """The CPU's tiled driver (tiles of TILE_ROWS rows, blocks folded in turn) and its
+    split driver (blocks on several threads, partials folded afterwards) on batches
+    with many query rows and key blocks: close to the reference, equal to each
+    other, and each sequence gets the same bits alone as in the batch."""
+    from xllm.ops.cpu import paged_attention
+
+    def both(*args):
+        outs = []
+        for split_below in (0, 10**9):
+            old, paged_attention.SPLIT_BELOW = paged_attention.SPLIT_BELOW, split_below
+            try:
+                outs.append(cpu.attention(*args))
+            finally:
+                paged_attention.SPLIT_BELOW = old
+        np.testing.assert_array_equal(outs[0], outs[1])
+        return outs[0]
+
+    @settings(max_examples=25, deadline=None)
+    @given(batch=paged_batches(max_seqs=3, max_len=120), kv_dtype=st.sampled_from(DTYPES))
+    def check(batch, kv_dtype):
+        q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale = batch
+        stored = stored_as(kv_dtype, k_cache, v_cache)
+        got = both(q, *stored[:2], block_table, block_size, cu_q, positions, scale, *stored[2:])
+        expected = ref.attention(q, *stored[:2], block_table, block_size, cu_q, positions, scale, *stored[2:])
+        assert_close(got, expected, rtol=2e-5, scale=float(np.nanmax(np.abs(dequantized(*stored)[1]))))
+        for b in range(len(cu_q) - 1):
+            lo, hi = cu_q[b], cu_q[b + 1]
+            alone = cpu.attention(q[lo:hi], *stored[:2], block_table[b: b + 1], block_size,
+                                  np.array([0, hi - lo], np.int32), positions[lo:hi], scale, *stored[2:])
+            np.testing.assert_array_equal(alone, got[lo:hi])
+
+    check()
+
+
 def direct_attention(q, keys, values, positions, scale):
     """Attention of one sequence written out with loops: keys/values [L, Hkv, hd] in position order."""
     T, H, hd = q.shape

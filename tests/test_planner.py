@@ -210,7 +210,9 @@ def random_model(config: ModelConfig, seed: int = 0) -> Llama:
 def test_activation_peak_is_what_the_forward_allocates(vocab, steps, peak_at):
     """The real Llama.forward on the CPU operators, its numpy allocations traced with tracemalloc:
     the peak above the starting point equals the planner's replay, up to a few Python objects
-    (the kernels' own scratch is not numpy memory and is not counted by either)."""
+    and the kernels' own scratch, which the planner does not count: numba allocates it where
+    tracemalloc sees it, and in a decode step of these tiny shapes the CPU attention's
+    per-thread tiles (a few KiB a thread) can outweigh the activations themselves."""
     config = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, hidden_dim=192, vocab_size=vocab,
                          context_length=256)
     model = random_model(config)
@@ -228,7 +230,7 @@ def test_activation_peak_is_what_the_forward_allocates(vocab, steps, peak_at):
             if warm_up:
                 continue
             planned = P.activation_peak(config, len(batch.tokens), len(rows))
-            assert 0 <= measured - planned.bytes <= 4096, (measured, planned)
+            assert 0 <= measured - planned.bytes <= 4096 + 8192, (measured, planned)
     assert planned.step == peak_at
 
 

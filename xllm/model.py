@@ -35,6 +35,8 @@ from .kv_cache import KVCache, blocks_for
 from .ops import ops_for
 from .weights import concat as quant_concat, is_quant
 
+ROPE_TABLE_START = 4096     # positions the RoPE tables cover at first; they double as needed
+
 
 @dataclass
 class Batch:
@@ -116,9 +118,17 @@ class Llama:
             if id(w) not in uploaded:
                 uploaded[id(w)] = self.ops.upload_weight(w, f32)
             self.w[name] = uploaded[id(w)]
-        self.cos, self.sin = self.ops.rope_tables(config.rope_theta, config.head_dim, config.context_length,
-                                                  config.rope_scaling)
+        self.cos, self.sin = self._rope_tables(min(config.context_length, ROPE_TABLE_START))
         self.scale = float(config.head_dim) ** -0.5
+
+    def _rope_tables(self, n_positions: int):
+        """(cos, sin) [n_positions, head_dim // 2] on the device. They start at
+        ROPE_TABLE_START positions and double when a batch reaches past them: at a
+        context of 2^20 the full tables would take 0.9 GB (head_dim 64, float32 x 2)
+        for conversations that rarely go that far. Row p depends on p alone, for
+        every scaling (xllm/rope.py), so a longer table extends the shorter one."""
+        c = self.config
+        return self.ops.rope_tables(c.rope_theta, c.head_dim, n_positions, c.rope_scaling)
 
     def forward(self, batch: Batch, cache: KVCache, logit_rows: np.ndarray) -> np.ndarray:
         """Run every row of `batch` through the model, writing its keys and values
@@ -127,6 +137,9 @@ class Llama:
         c, ops, w = self.config, self.ops, self.w
         if batch.positions.size and int(batch.positions.max()) >= c.context_length:
             raise ValueError(f"position {int(batch.positions.max())} is past the model's context length {c.context_length}")
+        if batch.positions.size and int(batch.positions.max()) >= self.cos.shape[0]:
+            self.cos, self.sin = self._rope_tables(min(c.context_length, max(2 * self.cos.shape[0],
+                                                                             int(batch.positions.max()) + 1)))
         T, H, KV, hd = len(batch.tokens), c.n_heads, c.n_kv_heads, c.head_dim
         positions, cu_q = ops.upload(batch.positions), ops.upload(batch.cu_q)
         block_table, slots = ops.upload(batch.block_table), ops.upload(batch.slot_mapping)

@@ -5,27 +5,36 @@ rows cu_q[b] .. cu_q[b+1]-1. Keys and values live in a shared pool of cache
 slots cut into blocks of `block_size`; sequence b's key at position p is in
 slot block_table[b, p // block_size] * block_size + p % block_size.
 
-Work is split by query row: `_attention` deals the rows out to the threads,
-and `_attend` computes one row, all heads at once, in three passes over the
-keys the row may see (positions 0 .. positions[t]):
-  1. score[h, p] = dot(scale * q[h], k[p]) for every head h;
-  2. score[h, p] = exp(score[h, p] - max_p) / sum_p, per head;
-  3. out[h] = sum_p score[h, p] * v[p].
-All heads together, because decode attention is limited by reading the
-cache: each key and value is read from memory once and then used by every
-query head while it sits in L1 (with grouped-query attention a kv head serves
-several query heads), and the kv heads of one slot lie side by side, so a
-block of keys is one contiguous stream for the prefetcher. Serving one head
-at a time read each key once per head, and took twice as long.
-Walking the keys block by block finds each slot with an addition instead of a
-division per key.
+The math is flash attention's (kernels/attend.py): for each query row and
+head, each key block gives a partial softmax (its max, sum and weighted
+values), and the partials are folded in block order. Two drivers hand out
+the work; both compute every partial and every fold the same way, so a row
+gets the same bits whichever runs it and whatever else is in the batch:
 
-The math of each step is a body of xllm/ops/kernels/attend.py, shared with
-the GPU kernel (which orders the work differently: see that module). The
-cache may store float32, float16 or int8 (kernels/kv_format.py): each stored
-element is widened to float32 as it is read, and int8 scales are applied once
-per key. For float caches the scales are None and the compiler drops those
-lines, so the float32 path is the same machine code as without storage formats.
+  * `_attention_tiles` (prefill, and decode batches of many sequences): the
+    rows of a sequence are cut into tiles of at most TILE_ROWS rows, and a
+    work item is (tile, kv head): it walks the key blocks once, computing
+    each block's partial for every (row, query head) of the tile and folding
+    it at once. A key block (32 KB at head_dim 64) is read from memory once
+    per tile and then served from the core's cache to TILE_ROWS x group query
+    heads; reading the whole context again for every query row (6 MB per row
+    per layer at 4,000 tokens) left prefill waiting on memory. Tiles are dealt to the threads in turn, so causal prefill, whose
+    later tiles see more keys, splits evenly.
+  * `_attention_split` (flash-decoding: a few rows, too few items to keep
+    every thread busy, as when one sequence decodes alone): a work item is
+    (tile, kv head, key block); the partials go to a buffer, and a second
+    pass folds each (row, head)'s partials in block order.
+
+Scores are dot products over head_dim (SIMD across the elements of a key,
+then one horizontal sum); weighted values add a whole value row at a time
+(SIMD across elements). Scoring several keys in one SIMD pass would need the
+keys of a block stored transposed (head_dim-major) in the cache: the
+transpose costs more than it saves when done here per query, so the cache
+layout stays [slot, kv head, head_dim] for every storage format.
+The cache may store float32, float16 or int8 (kernels/kv_format.py): each
+key and value is widened once into a float32 row that then serves every
+query of the tile, and int8 scales are applied once per key. For float caches the scales are None and the compiler
+drops those lines.
 """
 
 from __future__ import annotations
@@ -38,112 +47,193 @@ from .. import checks
 from .bodies import attend
 from .common import FAST
 
+TILE_ROWS = 8
+SPLIT_BELOW = 4         # split by key blocks when there are fewer than this many items per thread
+
 
 # ---------------------------------------------------------------- checking the batch
 
 @numba.njit(cache=True)
 def _plan(T, n_slots, block_table, block_size, cu_q, positions):
-    """Check the batch description and map each query row to its sequence.
+    """Check the batch description and cut each sequence's rows into tiles.
 
-    Returns (row_seq, code, where): row_seq[t] is the sequence of row t; code is
-    0 when everything is valid, else one of checks.BAD_CU_Q, NEGATIVE_POSITION,
+    Returns (tiles, code, where): tiles [n_tiles, 3] holds (b, first row, end
+    row) of tiles of at most TILE_ROWS rows of one sequence; code is 0 when
+    everything is valid, else one of checks.BAD_CU_Q, NEGATIVE_POSITION,
     PAST_TABLE, BAD_BLOCK, and `where` the offending query row (or sequence,
     for a cu_q that decreases). The rows of a sequence need the blocks of its
     row with the highest position, so only that row's blocks are checked.
     """
     B = cu_q.shape[0] - 1
-    row_seq = np.empty(T, np.int32)
     n_blocks = n_slots // block_size
     if not attend.cu_q_ends_ok(cu_q, T):
-        return row_seq, checks.BAD_CU_Q, 0
+        return np.empty((0, 3), np.int32), checks.BAD_CU_Q, 0
+    n_tiles = 0
     for b in range(B):
         if attend.cu_q_decreases(cu_q, b):
-            return row_seq, checks.BAD_CU_Q, b
+            return np.empty((0, 3), np.int32), checks.BAD_CU_Q, b
+        n_tiles += (cu_q[b + 1] - cu_q[b] + TILE_ROWS - 1) // TILE_ROWS
         last = -1                                  # the row of b with the highest position
         for t in range(cu_q[b], cu_q[b + 1]):
-            row_seq[t] = b
             if positions[t] < 0:
-                return row_seq, checks.NEGATIVE_POSITION, t
+                return np.empty((0, 3), np.int32), checks.NEGATIVE_POSITION, t
             if last < 0 or positions[t] > positions[last]:
                 last = t
         if last < 0:
             continue                               # no query rows for b in this batch
         code = attend.check_row_blocks(block_table, b, positions[last], block_size, n_blocks, 0, 1)
         if code:
-            return row_seq, code, last
-    return row_seq, 0, 0
+            return np.empty((0, 3), np.int32), code, last
+    tiles = np.empty((n_tiles, 3), np.int32)
+    i = 0
+    for b in range(B):
+        for t0 in range(cu_q[b], cu_q[b + 1], TILE_ROWS):
+            tiles[i, 0], tiles[i, 1], tiles[i, 2] = b, t0, min(t0 + TILE_ROWS, cu_q[b + 1])
+            i += 1
+    return tiles, 0, 0
 
 
-# ---------------------------------------------------------------- one query row
+# ---------------------------------------------------------------- a tile of rows, one key block
 
 @numba.njit(cache=True, fastmath=FAST)
-def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, b, t, n, scale, out,
-            q_scaled, scores, acc):
-    """out[t] = attention of query row t (every head) over the first n keys of sequence b.
+def _scale_tile(q, t0, t1, kvh, group, scale, qs):
+    """qs[i] = scale * q[t, h] for each (row t, query head h of kv head kvh) of rows
+    t0 .. t1-1, i = (t - t0) * group + h % group; returns the number of rows i."""
+    for i in range((t1 - t0) * group):
+        attend.scale_query(q, t0 + i // group, kvh * group + i % group, scale, qs, i, 0, 1)
+    return (t1 - t0) * group
 
-    k_scale and v_scale are the int8 caches' scales [S, Hkv], or None.
-    q_scaled [H, hd], scores [H, >= n] and acc [H, hd] are the worker's scratch.
+
+@numba.njit(cache=True, fastmath=FAST)
+def _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk, block_size, kvh,
+           row, scores, n, m_blk, l_blk, acc_blk):
+    """The partial softmax of block blk (slots first_slot ..) for each query qs[i], i < R,
+    of a tile whose rows start at t0: n[i] keys seen, m_blk[i], l_blk[i], acc_blk[i].
+    A row that sees no key of the block gets n[i] = 0 and nothing else.
+
+    Loops run key by key: each key (then value) is widened once into `row`
+    [1, hd] and serves every query of the tile from L1. scores [R, >= block_size].
     """
-    H, hd = q_scaled.shape
-    group = H // k_cache.shape[1]          # query heads per kv head
-    for h in range(H):
-        attend.scale_query(q, t, h, scale, q_scaled, h, 0, 1)
-    n_blocks = (n + block_size - 1) // block_size
-
-    # Pass 1: scores[h, p] = q_h . k_p. Each key is read from memory once and
-    # used by every head while it is in L1; a slot's kv heads lie side by
-    # side, so the keys of a block are one contiguous stream.
-    for blk in range(n_blocks):
-        first_slot = block_table[b, blk] * block_size
-        p0 = blk * block_size
-        for j in range(min(block_size, n - p0)):
-            slot = first_slot + j
-            for h in range(H):
-                scores[h, p0 + j] = attend.key_score(q_scaled, h, k_cache, k_scale, slot, h // group)
-
-    # Pass 2: per head, probabilities exp(score - max) / sum.
-    for h in range(H):
-        m = attend.row_max(scores, h, n)
-        total = attend.exp_and_sum(scores, h, n, m)
-        attend.scale_row(scores, h, n, np.float32(1.0) / total)
-
-    # Pass 3: the probability-weighted sum of the values.
-    acc[:, :] = 0.0
-    for blk in range(n_blocks):
-        first_slot = block_table[b, blk] * block_size
-        p0 = blk * block_size
-        for j in range(min(block_size, n - p0)):
-            slot = first_slot + j
-            for h in range(H):
-                attend.add_value(acc, h, scores[h, p0 + j], v_cache, v_scale, slot, h // group)
-    for h in range(H):
-        for d in range(hd):
-            out[t, h, d] = acc[h, d]
+    hd = qs.shape[1]
+    most = 0
+    for i in range(R):
+        n[i] = attend.keys_in_block(positions[t0 + i // group], blk, block_size)
+        most = max(most, n[i])
+        m_blk[i] = -np.inf
+        acc_blk[i, :] = 0.0
+    for j in range(most):
+        k_scale_j = attend.widen_head(k_cache, k_scale, first_slot + j, kvh, row, 0, 0, 1)
+        for i in range(R):
+            if j < n[i]:
+                s = attend.dot(qs, i, row, 0, hd) * k_scale_j
+                scores[i, j] = s
+                if s > m_blk[i]:                       # NaN is never the maximum
+                    m_blk[i] = s
+    for i in range(R):
+        if n[i] > 0:
+            l_blk[i] = attend.exp_and_sum(scores, i, n[i], m_blk[i], 0, 1)
+    for j in range(most):
+        v_scale_j = attend.widen_head(v_cache, v_scale, first_slot + j, kvh, row, 0, 0, 1)
+        for i in range(R):
+            if j < n[i]:
+                attend.add_value(acc_blk, i, scores[i, j] * v_scale_j, row, 0, hd, 0, 1)
 
 
-# ---------------------------------------------------------------- all rows
+# ---------------------------------------------------------------- tiles of rows, blocks in turn
 
-@numba.njit(parallel=True, cache=True)
-def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq, positions, scale,
-               n_workers, out):
-    """Run `_attend` for every query row; worker w takes rows w, w + n_workers, ...
-
-    Dealing rows out in turn (not in halves) gives every worker rows of all
-    lengths, so causal prefill, whose later rows see more keys, splits evenly.
-    Each worker allocates its scratch once.
-    """
-    T, H, hd = q.shape
-    longest = 1
-    for t in range(T):
-        longest = max(longest, positions[t] + 1)
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
+                     n_workers, out):
+    """out = attention of every row; worker w takes items (tile, kv head) w, w + n_workers, ..."""
+    _, H, hd = q.shape
+    Hkv = k_cache.shape[1]
+    group = H // Hkv
+    R_max = TILE_ROWS * group
     scale32 = np.float32(scale)            # keeps the score arithmetic in float32
+    n_items = tiles.shape[0] * Hkv
     for w in prange(n_workers):
-        q_scaled = np.empty((H, hd), np.float32)
-        scores = np.empty((H, longest), np.float32)
-        acc = np.empty((H, hd), np.float32)
-        for t in range(w, T, n_workers):
-            _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, row_seq[t], t,
-                    positions[t] + 1, scale32, out, q_scaled, scores, acc)
+        qs = np.empty((R_max, hd), np.float32)
+        acc = np.empty((R_max, hd), np.float32)          # the running state of each (row, head)
+        m = np.empty(R_max, np.float32)
+        l = np.empty(R_max, np.float32)
+        row = np.empty((1, hd), np.float32)
+        scores = np.empty((R_max, block_size), np.float32)
+        n = np.empty(R_max, np.int64)
+        m_blk = np.empty(R_max, np.float32)
+        l_blk = np.empty(R_max, np.float32)
+        acc_blk = np.empty((R_max, hd), np.float32)
+        for item in range(w, n_items, n_workers):
+            tile, kvh = item // Hkv, item % Hkv
+            b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
+            R = _scale_tile(q, t0, t1, kvh, group, scale32, qs)
+            acc[:R] = 0.0
+            m[:R] = -np.inf
+            l[:R] = 0.0
+            longest = 0
+            for t in range(t0, t1):
+                longest = max(longest, positions[t] + 1)
+            for blk in range((longest + block_size - 1) // block_size):
+                _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
+                       block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk)
+                for i in range(R):
+                    if n[i] > 0:
+                        m[i], l[i] = attend.fold(m[i], l[i], acc, i, m_blk[i], l_blk[i], acc_blk, i, hd, 0, 1)
+            for i in range(R):
+                attend.finish(acc, i, l[i], out, t0 + i // group, kvh * group + i % group, 0, 1)
+
+
+# ---------------------------------------------------------------- flash-decoding: blocks on several threads
+
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
+                     n_workers, out):
+    """out = attention of every row, the key blocks of each (tile, kv head) dealt
+    to the workers; partials stored, then folded per (row, head) in block order."""
+    T, H, hd = q.shape
+    Hkv = k_cache.shape[1]
+    group = H // Hkv
+    R_max = TILE_ROWS * group
+    scale32 = np.float32(scale)
+    most_blocks = 1
+    for t in range(T):
+        most_blocks = max(most_blocks, (positions[t] + block_size) // block_size)
+    part_acc = np.empty((T * H * most_blocks, hd), np.float32)   # partial of (row t, head h, block) in
+    part_m = np.empty(T * H * most_blocks, np.float32)             # row (t * H + h) * most_blocks + block
+    part_l = np.empty(T * H * most_blocks, np.float32)
+    n_items = tiles.shape[0] * Hkv * most_blocks
+    for w in prange(n_workers):
+        qs = np.empty((R_max, hd), np.float32)
+        row = np.empty((1, hd), np.float32)
+        scores = np.empty((R_max, block_size), np.float32)
+        n = np.empty(R_max, np.int64)
+        m_blk = np.empty(R_max, np.float32)
+        l_blk = np.empty(R_max, np.float32)
+        acc_blk = np.empty((R_max, hd), np.float32)
+        for item in range(w, n_items, n_workers):
+            tile, kvh, blk = item // (Hkv * most_blocks), item // most_blocks % Hkv, item % most_blocks
+            b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
+            if blk * block_size > positions[t0:t1].max():
+                continue                                   # no row of the tile reaches this block
+            R = _scale_tile(q, t0, t1, kvh, group, scale32, qs)
+            _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
+                   block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk)
+            for i in range(R):
+                if n[i] > 0:
+                    k = ((t0 + i // group) * H + kvh * group + i % group) * most_blocks + blk
+                    part_m[k], part_l[k] = m_blk[i], l_blk[i]
+                    part_acc[k, :] = acc_blk[i, :]
+    # Few rows: not worth waking the threads again. (Plain loops: numba would run
+    # an array expression such as np.zeros here as a parallel region of its own.)
+    acc = np.empty((1, hd), np.float32)
+    for th in range(T * H):
+        t, h = th // H, th % H
+        for d in range(hd):
+            acc[0, d] = 0.0
+        m, l = np.float32(-np.inf), np.float32(0.0)
+        for blk in range((positions[t] + block_size) // block_size):
+            k = th * most_blocks + blk
+            m, l = attend.fold(m, l, acc, 0, part_m[k], part_l[k], part_acc, k, hd, 0, 1)
+        attend.finish(acc, 0, l, out, t, h, 0, 1)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
@@ -158,11 +248,13 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     the softmax scale, usually head_dim ** -0.5).
     """
     checks.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions)
-    row_seq, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
+    tiles, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
     if code:
         raise checks.index_error(code, where)
     kc, vc = checks.kv_caches("attention", k_cache, v_cache, k_scale, v_scale)
     out = np.empty(q.shape, np.float32)
-    workers = max(1, min(numba.get_num_threads(), q.shape[0]))
-    _attention(q, kc, vc, k_scale, v_scale, block_table, block_size, row_seq, positions, scale, workers, out)
+    workers = numba.get_num_threads()
+    split = workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers
+    run = _attention_split if split else _attention_tiles
+    run(q, kc, vc, k_scale, v_scale, block_table, block_size, tiles, positions, scale, workers, out)
     return out

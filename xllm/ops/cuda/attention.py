@@ -1,16 +1,21 @@
 """Causal paged attention on the GPU (see `xllm.ops.reference.attention`).
 
-One thread block per (query row, query head). The block's threads split the
-row's keys (thread `lane` takes positions lane, lane + lanes, ...); each
-keeps a running softmax over its keys: the largest score m, the sum l of
-exp(score - m) and the accumulator acc[hd] of exp(score - m) * value, all in
-registers or local memory (`attend.online_step`). Then the block merges the
-threads' states: the block's largest m, each thread's state rescaled by
-exp(m - largest) (`attend.merge_weight`) and summed over the threads in a
-fixed order through shared memory (`part`, a row per thread of a warp), so a
-run gives the same result every time. The scores, weights and values are
-those of the CPU (the bodies of xllm/ops/kernels/attend.py); only the order
-of the sums differs, so results agree with the CPU to rounding.
+One thread block per (query row, query head), flash attention's way with the
+CPU's bodies (xllm/ops/kernels/attend.py): the block walks the row's keys a
+tile at a time (at most KEY_TILE keys, never across a cache block), and for
+each tile
+  * the threads split the keys: each widens a key (`widen_head`), scores it
+    (`dot`) into shared memory and keeps its largest score; `block_max`
+    gives the tile's max m_blk;
+  * they split the keys again for exp(score - m_blk) (`exp_and_sum`);
+    `block_sum` gives the tile's sum l_blk;
+  * they split the elements of the head for the weighted values
+    (`add_value`), each thread in its own registers, and fold the tile's
+    partial into the running state (`fold`).
+Every thread ends with the same m and l, and the output is acc / l
+(`finish`). The sums over a tile run in a fixed order, so a run gives the
+same result every time; the CPU folds per cache block, so results agree with
+the CPU to rounding.
 
 The batch description comes from data, so the kernel checks it as it goes,
 with the codes of the CPU's `_plan` (xllm/ops/checks.py): the threads first
@@ -31,7 +36,8 @@ from . import errors
 from .bodies import attend
 from .reduce import WARP, block_max, block_sum
 
-MAX_HEAD_DIM = 256      # the accumulator of each thread is a local array of this size
+MAX_HEAD_DIM = 256      # a thread's accumulators are local arrays of this size
+KEY_TILE = 128          # the scores of a tile sit in shared memory
 
 
 @cuda.jit
@@ -39,10 +45,12 @@ def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, c
     """out[t, h] = attention of query row t, head h; a block per (t, h) (see the module docstring)."""
     lane, lanes = cuda.threadIdx.x, cuda.blockDim.x
     qs = cuda.shared.array((1, MAX_HEAD_DIM), float32)        # the block's scaled query
+    scores = cuda.shared.array((1, KEY_TILE), float32)
     fscratch = cuda.shared.array(WARP, float32)
     iscratch = cuda.shared.array(WARP, int32)
-    part = cuda.shared.array((WARP, MAX_HEAD_DIM), float32)   # the threads' accumulators, merged
-    acc = cuda.local.array((1, MAX_HEAD_DIM), float32)        # this thread's accumulator
+    row = cuda.local.array((1, MAX_HEAD_DIM), float32)        # a widened key or value (this thread's part)
+    acc = cuda.local.array((1, MAX_HEAD_DIM), float32)        # running accumulator, this thread's elements
+    acc_blk = cuda.local.array((1, MAX_HEAD_DIM), float32)    # the tile's weighted values, likewise
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
     n_blocks = k_cache.shape[0] // block_size
@@ -80,31 +88,32 @@ def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, c
         kvh = h // group
         m = float32(-np.inf)
         l = float32(0.0)
-        for d in range(hd):
-            acc[0, d] = 0.0
-        for p in range(lane, position + 1, lanes):
-            slot = attend.key_slot(block_table, b, p, block_size)
-            s = attend.key_score(qs, 0, k_cache, k_scale, slot, kvh)
-            m, l, weight = attend.online_step(m, l, s, acc, 0, hd)
-            attend.add_value(acc, 0, weight, v_cache, v_scale, slot, kvh)
-
-        # Merge the threads' states: rescale each by exp(m - the block's m),
-        # then sum over the threads in a fixed order (the same result every
-        # run): the warps in turn add theirs into rows lane % WARP of `part`,
-        # then each thread adds up those rows for its elements.
-        c = attend.merge_weight(m, block_max(m, fscratch))
-        total = block_sum(l * c, fscratch)
-        for r in range((lanes + WARP - 1) // WARP):
-            if lane // WARP == r:
-                for d in range(hd):
-                    part[lane % WARP, d] = acc[0, d] * c + (part[lane % WARP, d] if r > 0 else float32(0.0))
-            cuda.syncthreads()
         for d in range(lane, hd, lanes):
-            value = float32(0.0)
-            for r in range(min(lanes, WARP)):
-                value += part[r, d]
-            out[t, h, d] = value / total
-        cuda.syncthreads()                                     # before the next item writes qs and part
+            acc[0, d] = 0.0
+        p0 = 0
+        while p0 <= position:
+            # The tile: keys p0 .. p0 + n - 1, inside one cache block.
+            n = min(KEY_TILE, block_size - p0 % block_size, position + 1 - p0)
+            first_slot = attend.key_slot(block_table, b, p0, block_size)
+            top = float32(-np.inf)
+            for j in range(lane, n, lanes):
+                k_scale_j = attend.widen_head(k_cache, k_scale, first_slot + j, kvh, row, 0, 0, 1)
+                s = attend.dot(qs, 0, row, 0, hd) * k_scale_j
+                scores[0, j] = s
+                if s > top:
+                    top = s
+            m_blk = block_max(top, fscratch)                   # (the reductions synchronize the block)
+            l_blk = block_sum(attend.exp_and_sum(scores, 0, n, m_blk, lane, lanes), fscratch)
+            for d in range(lane, hd, lanes):
+                acc_blk[0, d] = 0.0
+            for j in range(n):
+                v_scale_j = attend.widen_head(v_cache, v_scale, first_slot + j, kvh, row, 0, lane, lanes)
+                attend.add_value(acc_blk, 0, scores[0, j] * v_scale_j, row, 0, hd, lane, lanes)
+            m, l = attend.fold(m, l, acc, 0, m_blk, l_blk, acc_blk, 0, hd, lane, lanes)
+            p0 += n
+            cuda.syncthreads()                                 # before the next tile writes scores
+        attend.finish(acc, 0, l, out, t, h, lane, lanes)
+        cuda.syncthreads()                                     # before the next item writes qs
 
 
 def attention(ops, q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale, k_scale=None, v_scale=None):

@@ -1,4 +1,4 @@
-"""Bodies of paged attention: checking a batch, one key's score, one value's share, softmax.
+"""Bodies of paged attention: checking a batch, one key block's partial softmax, folding partials.
 
 Causal paged attention over a ragged batch (`xllm.ops.reference.attention`):
 sequence b owns the query rows cu_q[b] .. cu_q[b+1]-1, and row t attends to
@@ -6,23 +6,44 @@ the keys of positions 0 .. positions[t] of its sequence; key position p
 lives in cache slot block_table[b, p // block_size] * block_size + p % block_size.
 Query head h reads kv head h // (H // Hkv).
 
-The devices share the arithmetic and differ in how they order it:
-  * the CPU computes one query row, all heads, in three passes over its keys:
-    every score (`key_score`), the softmax of each head (`row_max`,
-    `exp_and_sum`, `scale_row`), then the weighted values (`add_value`);
-  * a GPU block computes one (row, head): its threads split the keys, each
-    keeps a running softmax (`online_step`: max m, sum l, accumulator acc),
-    and the block merges the threads' states (`merge_weight`).
-Both read a stored element through `f16.widen`; for int8 caches the scales
+Flash attention's way, on every device: the keys of a row are taken one
+cache block at a time, and a block never needs the scores of another.
+For one (query row, head) and one key block of n keys, with s_j the scores
+(`dot` of the scaled query with each key, widened by `widen_head`):
+
+    m_blk = max_j s_j          l_blk = sum_j exp(s_j - m_blk)   (`exp_and_sum`)
+    acc_blk = sum_j exp(s_j - m_blk) * v_j                       (`add_value`)
+
+is the block's *partial softmax*. Partials are folded into a running state
+(m, l, acc), block 0 first (`fold`): with M = max(m, m_blk),
+
+    l   <- l   * exp(m - M) + l_blk   * exp(m_blk - M)
+    acc <- acc * exp(m - M) + acc_blk * exp(m_blk - M)
+
+and the output is acc / l once every block is folded. Every exponent is
+<= 0, so nothing overflows however far apart the blocks' scores are.
+
+Because a partial depends on nothing but its own block, a query row's
+result does not depend on which other rows (of its sequence or of others)
+are computed with it, nor on which thread computes which block: the CPU
+computes a block for a tile of rows at once, or the blocks of one decoding
+row on several threads, and folds in block order either way, bit for bit
+the same (tests/test_ops_attention.py checks both). A GPU block computes one
+(row, head); its threads share the keys of a block and the elements of a head.
+
+Bodies that split work take `lane, lanes` (kernels/__init__.py): the keys of
+a block in `exp_and_sum`, the elements of a head in `widen_head`, `add_value`
+and `fold`; max and sum across lanes are the device's job. Both devices read
+stored elements through `widen_head`; for int8 caches the scales
 (k_scale, v_scale [S, Hkv]) are applied once per key, not per element:
   dot(q, s_k * k_int8) = s_k * dot(q, k_int8)   and   w * (s_v * v_int8) = (w * s_v) * v_int8.
 For float caches the scales are None and the compilers drop those lines.
 
-Query and accumulator rows are rows i of 2-D arrays (`qs[i, d]`, `acc[i, d]`):
-the CPU keeps a row per head, a GPU thread has a single row (i = 0).
-NaN: a NaN score is never a maximum (`s > m` is False) but turns the sum,
-and so the output of its head, into NaN; a NaN value element turns that
-element of the output NaN. Infinite scores give NaN as well.
+Query and accumulator rows are rows i of 2-D arrays (`qs[i, d]`, `acc[i, d]`),
+one per (query row, head) of a tile. NaN: a NaN score is never a maximum
+(`s > m` is False) but turns the sum, and so the output of its head, into
+NaN; a NaN value element turns that element of the output NaN. Infinite
+scores give NaN as well.
 """
 
 from __future__ import annotations
@@ -84,7 +105,12 @@ def key_slot(block_table, b, p, block_size):
     return block_table[b, p // block_size] * block_size + p % block_size
 
 
-# ---------------------------------------------------------------- one query, one key
+def keys_in_block(position, blk, block_size):
+    """How many keys of block blk a row at `position` sees: 0 .. block_size."""
+    return min(max(position + 1 - blk * block_size, 0), block_size)
+
+
+# ---------------------------------------------------------------- one query row, one key block
 
 def scale_query(q, t, h, scale, qs, i, lane, lanes):
     """qs[i, d] = q[t, h, d] * scale for this lane's d (float32 scale: float32 products)."""
@@ -92,75 +118,67 @@ def scale_query(q, t, h, scale, qs, i, lane, lanes):
         qs[i, d] = q[t, h, d] * scale
 
 
-def key_score(qs, i, k_cache, k_scale, slot, kvh):
-    """The score of key `slot`, kv head kvh, for the scaled query qs[i]: the dot
-    product with the widened key, times the key's scale for int8 (NaN for a
-    key stored from NaN or inf)."""
+def widen_head(cache, scales, slot, kvh, row, j, lane, lanes):
+    """row[j, d] = the stored element cache[slot, kvh, d] as float32, for this lane's d < head_dim;
+    returns the head's scale (int8 caches; 1 for float caches, whose scales are None).
+
+    Widening a key or value once into a float32 row lets every query that
+    reads it use plain float32 SIMD arithmetic: for float16 the bit
+    arithmetic of f16.py is then paid once per key, not once per query.
+    """
+    for d in range(lane, cache.shape[2], lanes):
+        row[j, d] = widen(cache[slot, kvh, d])
+    if scales is None:
+        return f32(1.0)
+    return scales[slot, kvh]
+
+
+def dot(qs, i, row, j, hd):
+    """sum_{d < hd} qs[i, d] * row[j, d]: a scaled query's score with a widened key
+    (before the key's int8 scale)."""
     s = f32(0.0)
-    for d in range(k_cache.shape[2]):
-        s += qs[i, d] * widen(k_cache[slot, kvh, d])
-    if k_scale is not None:
-        s *= k_scale[slot, kvh]
+    for d in range(hd):
+        s += qs[i, d] * row[j, d]
     return s
 
 
-def add_value(acc, i, weight, v_cache, v_scale, slot, kvh):
-    """acc[i, d] += weight * value[d] for the value at `slot`, kv head kvh (widened;
-    for int8 the value's scale is folded into the weight)."""
-    if v_scale is not None:
-        weight *= v_scale[slot, kvh]
-    for d in range(v_cache.shape[2]):
-        acc[i, d] += weight * widen(v_cache[slot, kvh, d])
-
-
-# ---------------------------------------------------------------- softmax over a row of scores (CPU)
-
-def row_max(scores, h, n):
-    """The largest of scores[h, :n] (NaN passed over; -inf if there is none)."""
-    m = f32(-np.inf)
-    for p in range(n):
-        if scores[h, p] > m:
-            m = scores[h, p]
-    return m
-
-
-def exp_and_sum(scores, h, n, m):
-    """scores[h, p] = exp(scores[h, p] - m) for p < n, in place; returns their sum.
-    The loop runs as SIMD code: exp_nonpositive is plain arithmetic (expf.py)."""
+def exp_and_sum(scores, r, n, m, lane, lanes):
+    """scores[r, j] = exp(scores[r, j] - m) for this lane's j < n, in place; returns
+    their sum. On the CPU (one lane) the loop runs as SIMD code: exp_nonpositive
+    is plain arithmetic (expf.py)."""
     total = f32(0.0)
-    for p in range(n):
-        e = exp_nonpositive(scores[h, p] - m)
-        scores[h, p] = e
+    for j in range(lane, n, lanes):
+        e = exp_nonpositive(scores[r, j] - m)
+        scores[r, j] = e
         total += e
     return total
 
 
-def scale_row(scores, h, n, factor):
-    """scores[h, :n] *= factor."""
-    for p in range(n):
-        scores[h, p] *= factor
+def add_value(acc, i, weight, row, j, hd, lane, lanes):
+    """acc[i, d] += weight * row[j, d] for this lane's d < hd: one widened value's share
+    (for int8 the caller folds the value's scale into the weight)."""
+    for d in range(lane, hd, lanes):
+        acc[i, d] += weight * row[j, d]
 
 
-# ---------------------------------------------------------------- running softmax (GPU)
+# ---------------------------------------------------------------- folding partials in block order
 
-def online_step(m, l, s, acc, i, hd):
-    """Fold score s into a running softmax (max m, sum l, accumulator acc[i, :hd]);
-    returns the new (m, l) and the weight the key's value gets.
+def fold(m, l, acc, i, m_blk, l_blk, acc_blk, k, hd, lane, lanes):
+    """Fold a block's partial (m_blk, l_blk, acc_blk[k]) into the running state
+    (m, l, acc[i]) for this lane's elements d < hd; returns the new (m, l).
 
-    When s is a new maximum the sum and accumulator so far are rescaled by
-    exp(m - s), so that every weight stays exp(score - current max) <= 1.
-    Start from m = -inf, l = 0, acc = 0.
+    Start from m = -inf, l = 0, acc = 0 (the first fold then gives the first
+    partial exactly: 0 * 0 + x * 1 = x).
     """
-    if s > m:
-        c = exp_nonpositive(m - s)
-        l *= c
-        for d in range(hd):
-            acc[i, d] *= c
-        m = s
-    e = exp_nonpositive(s - m)
-    return m, l + e, e
+    top = m_blk if m_blk > m else m
+    a = exp_nonpositive(m - top)
+    c = exp_nonpositive(m_blk - top)
+    for d in range(lane, hd, lanes):
+        acc[i, d] = acc[i, d] * a + acc_blk[k, d] * c
+    return top, l * a + l_blk * c
 
 
-def merge_weight(m, top):
-    """The factor a running softmax with max m takes when merged into one with max top >= m."""
-    return exp_nonpositive(m - top)
+def finish(acc, i, l, out, t, h, lane, lanes):
+    """out[t, h, d] = acc[i, d] / l for this lane's d: the softmax-weighted mean of the values."""
+    for d in range(lane, out.shape[2], lanes):
+        out[t, h, d] = acc[i, d] / l
