@@ -10,8 +10,9 @@ With NUMBA_DISABLE_JIT=1 the bodies are the plain Python functions.
 
 Numba's on-disk cache (`cache=True` on every driver) knows only the driver's
 own source file, so an edited body would leave the drivers' cached machine
-code stale. `_BodiesAwareLocator` adds the bodies' sources to the stamp that
-the cache compares, for the drivers of this package.
+code stale. `_BodiesAwareLocator` adds the bodies' sources, and simd.py's
+(its operations are pasted into the drivers too), to the stamp that the
+cache compares, for the drivers of this package.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 @functools.lru_cache(maxsize=None)
 def _bodies_stamp() -> bytes:
     h = hashlib.sha256()
-    for path in sorted(_KERNELS_DIR.glob("*.py")):
+    for path in sorted(_KERNELS_DIR.glob("*.py")) + [Path(__file__).with_name("simd.py")]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.digest()
 
