@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from tests.test_loaders import random_weights, tiny_config, write_gguf
 from xllm.loader import load_checkpoint
 from xllm.loader.dequant import keep_blocks
+from xllm.quantize import quantize_w8a8
 from xllm.weights import FORMATS, QuantWeight, concat, is_quant
 
 EXAMPLES = settings(max_examples=30, deadline=None)
@@ -35,13 +36,12 @@ QTYPE = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 def from_gguf(values: np.ndarray, fmt: str) -> tuple[QuantWeight, np.ndarray]:
     """Quantize float32 values [N, K] with gguf; return our QuantWeight of the blocks and gguf's dequantization.
 
-    w8a8 is not a GGUF format: its rows are quantized here the plain way (one
-    symmetric scale per row), and the expected values are d * q.
+    w8a8 is not a GGUF format: its rows are quantized by xllm's own quantizer
+    (one symmetric scale per row), and the expected values are d * q.
     """
     if fmt == "w8a8":
-        d = (np.abs(values).max(axis=1, keepdims=True, initial=0.0) / np.float32(127)).astype(np.float32)
-        q = np.rint(np.divide(values, d, out=np.zeros_like(values), where=d > 0)).clip(-127, 127).astype(np.int8)
-        return QuantWeight("w8a8", q, d), d * q.astype(np.float32)
+        qw = quantize_w8a8(values)
+        return qw, qw.d * qw.qs.astype(np.float32)
     packed = gguf.quants.quantize(values, QTYPE[fmt])
     qw = keep_blocks(np.ascontiguousarray(packed).view(np.uint8).ravel(), QTYPE[fmt], values.shape)
     return qw, gguf.quants.dequantize(packed, QTYPE[fmt]).reshape(values.shape)

@@ -122,7 +122,8 @@ class Ops:
 
     def rope_tables(self, theta: float, head_dim: int, max_pos: int, scaling: dict | None = None):
         """(cos, sin), each [max_pos, head_dim // 2], on this device (see reference.rope_tables;
-        `scaling` is ModelConfig.rope_scaling). Built on the host, once, for every device."""
+        `scaling` is ModelConfig.rope_scaling). Built on the host for every device; the model
+        asks again for longer tables as its batches reach further (`Llama._rope_tables`)."""
         from .reference import rope_tables
 
         cos, sin = rope_tables(theta, head_dim, max_pos, scaling)
