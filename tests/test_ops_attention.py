@@ -397,21 +397,26 @@ def test_store_then_attend_stays_close_to_float32(device, kv_dtype):
     assert err <= {"fp32": 0.0, "fp16": 2e-3, "int8": 5e-2}[kv_dtype], err
 
 
-NAN_BATCH = dict(B=2, L=6, bs=2, Hkv=2, H=4, hd=8, table=np.array([[5, 0, 3], [1, 4, 2]], np.int32))
+# Two sequences of 6 tokens, prefill; 2 kv heads, 4 query heads. The second
+# shape takes the CPU's SIMD block (head_dim 64, block_size a multiple of 4).
+NAN_BATCHES = [dict(B=2, L=6, bs=2, Hkv=2, H=4, hd=8, table=np.array([[5, 0, 3], [1, 4, 2]], np.int32)),
+               dict(B=2, L=6, bs=4, Hkv=2, H=4, hd=64, table=np.array([[2, 0], [1, 3]], np.int32))]
+nan_batches = pytest.mark.parametrize("nan_batch", NAN_BATCHES, ids=["hd8", "hd64"])
 
 
 @device_params
-def test_nan_in_attention_reaches_exactly_the_affected_rows(device):
-    # Two sequences of 6 tokens, block size 2, prefill; 2 kv heads, 4 query heads.
-    B, L, bs, Hkv, H, hd, table = NAN_BATCH.values()
+@nan_batches
+def test_nan_in_attention_reaches_exactly_the_affected_rows(device, nan_batch):
+    B, L, bs, Hkv, H, hd, table = nan_batch.values()
+    S = (table.max() + 1) * bs
     rng = np.random.default_rng(4)
-    k_cache = rng.standard_normal((12, Hkv, hd)).astype(np.float32)
-    v_cache = rng.standard_normal((12, Hkv, hd)).astype(np.float32)
+    k_cache = rng.standard_normal((S, Hkv, hd)).astype(np.float32)
+    v_cache = rng.standard_normal((S, Hkv, hd)).astype(np.float32)
     q = rng.standard_normal((B * L, H, hd)).astype(np.float32)
     cu_q = np.array([0, L, 2 * L], np.int32)
     positions = np.tile(np.arange(L), B).astype(np.int32)
     # NaN in the key of sequence 0, position 3, kv head 1 (query heads 2 and 3) ...
-    k_cache[table[0, 1] * bs + 1, 1, 0] = np.nan
+    k_cache[table[0, 3 // bs] * bs + 3 % bs, 1, 0] = np.nan
     # ... and in query row 7 (sequence 1, position 1), head 0.
     q[7, 0, 4] = np.nan
     out = run(device, "attention", q, k_cache, v_cache, table, bs, cu_q, positions, hd ** -0.5)[0]
@@ -424,12 +429,14 @@ def test_nan_in_attention_reaches_exactly_the_affected_rows(device):
 
 
 @device_params
+@nan_batches
 @pytest.mark.parametrize("kv_dtype", DTYPES)
-def test_a_non_finite_key_or_value_reaches_exactly_the_rows_that_see_it(device, kv_dtype):
+def test_a_non_finite_key_or_value_reaches_exactly_the_rows_that_see_it(device, kv_dtype, nan_batch):
     """As above, through store_kv: a NaN key (fp32, fp16) or a NaN/inf anywhere
     in a head (int8: its scale is NaN) makes the output NaN for the query rows
     and heads that attend to it, and nowhere else."""
-    B, L, bs, Hkv, H, hd, table = NAN_BATCH.values()
+    B, L, bs, Hkv, H, hd, table = nan_batch.values()
+    S = (table.max() + 1) * bs
     rng = np.random.default_rng(4)
     k = rng.standard_normal((B * L, Hkv, hd)).astype(np.float32)
     v = rng.standard_normal((B * L, Hkv, hd)).astype(np.float32)
@@ -439,7 +446,7 @@ def test_a_non_finite_key_or_value_reaches_exactly_the_rows_that_see_it(device, 
     cu_q = np.array([0, L, 2 * L], np.int32)
     k[3, 1, 0] = np.nan                      # sequence 0, position 3, kv head 1 (query heads 2, 3)
     v[L + 4, 0, 5] = np.nan if kv_dtype != "int8" else np.inf   # sequence 1, position 4, kv head 0
-    caches = store_on(device, k, v, caches_of(kv_dtype, 12, Hkv, hd), slots)
+    caches = store_on(device, k, v, caches_of(kv_dtype, S, Hkv, hd), slots)
     # (The kernels only: the reference multiplies future values by a zero
     # probability, and 0 * NaN is NaN.)
     out = run(device, "attention", q, *caches[:2], table, bs, cu_q, positions, hd ** -0.5, *caches[2:])[0]
@@ -488,3 +495,42 @@ def test_the_gpu_kernels_give_the_same_results_for_any_block_shape(device, shape
     got = attention_on(device, q, caches, *batch)
     assert_close(got, ref.attention(q, *caches[:2], *batch, *caches[2:]), rtol=2e-5,
                  scale=float(np.abs(dequantized(*caches)[1]).max()))
+
+
+# ---------------------------------------------------------------- the CPU's SIMD pieces
+
+def test_hsum4_gives_the_bits_of_four_hsums():
+    """`simd.hsum4` (the SIMD block's four scores at once) adds the lanes of each
+    vector in the order `simd.hsum` does, NaN and infinities included."""
+    import numba
+
+    from xllm.ops.cpu import simd
+
+    @numba.njit
+    def both(a):
+        a0, a1, a2, a3 = simd.load(a, 0), simd.load(a, 16), simd.load(a, 32), simd.load(a, 48)
+        return simd.hsum4(a0, a1, a2, a3), (simd.hsum(a0), simd.hsum(a1), simd.hsum(a2), simd.hsum(a3))
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=64, max_size=64),
+           st.integers(-20, 20))
+    def check(values, exponent):
+        a = np.asarray(values, np.float32) * np.float32(2.0 ** exponent)
+        four, one_by_one = both(a)
+        np.testing.assert_array_equal(np.array(four, np.float32), np.array(one_by_one, np.float32))
+
+    check()
+
+
+def test_host_arrays_and_scratch_rows_start_on_a_cache_line():
+    """The KV cache (`ops.zeros`) and the attention's scratch rows start on a
+    64-byte line: a 64-byte load from anywhere else reads two lines."""
+    from xllm.ops.cpu.common import aligned_rows
+
+    for shape, dtype in [((7,), np.float32), ((300, 3, 64), np.float32), ((1000, 2, 64), np.uint16), ((5, 3), np.int8)]:
+        for a in (cpu.zeros(shape, dtype), cpu.empty(shape, dtype)):
+            assert a.ctypes.data % 64 == 0 and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert not cpu.zeros(shape, dtype).any()
+    for rows, cols in [(1, 1), (24, 64), (3, 128)]:
+        r = aligned_rows(rows, cols)
+        assert r.ctypes.data % 64 == 0 and r.shape == (rows, cols)

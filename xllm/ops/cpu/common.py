@@ -13,11 +13,19 @@ floats). Those operators' drivers are therefore compiled twice by
 `serial_and_parallel`, once as a plain loop and once with threads, and the
 wrapper picks the threaded one only when the array has at least
 PARALLEL_MIN_ELEMENTS elements.
+
+A 64-byte SIMD load that starts inside a cache line touches two lines and
+costs about twice as much. Arrays from numpy start 16 bytes into a line
+(large ones) and numba's np.empty 32 bytes, so a kernel that streams the
+same rows from the L1 cache again and again (attention) ran at half speed.
+Its scratch rows come from `aligned_rows`; the host devices allocate the KV
+cache the same way (`interface.HostOps`).
 """
 
 import types
 
 import numba
+import numpy as np
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -56,3 +64,14 @@ def first_out_of_range(idx, limit):
         if idx[i] < 0 or idx[i] >= limit:
             return i
     return -1
+
+
+ALIGN = 64     # bytes: one cache line, one AVX-512 register
+
+
+@numba.njit(cache=True)
+def aligned_rows(rows, cols):
+    """An uninitialised float32 [rows, cols] array whose data starts on a cache line."""
+    buf = np.empty(rows * cols + ALIGN // 4, np.float32)
+    start = (-(buf.ctypes.data // 4)) % (ALIGN // 4)
+    return buf[start : start + rows * cols].reshape((rows, cols))

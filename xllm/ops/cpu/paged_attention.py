@@ -25,16 +25,18 @@ gets the same bits whichever runs it and whatever else is in the batch:
     (tile, kv head, key block); the partials go to a buffer, and a second
     pass folds each (row, head)'s partials in block order.
 
-Scores are dot products over head_dim (SIMD across the elements of a key,
-then one horizontal sum); weighted values add a whole value row at a time
-(SIMD across elements). Scoring several keys in one SIMD pass would need the
-keys of a block stored transposed (head_dim-major) in the cache: the
-transpose costs more than it saves when done here per query, so the cache
-layout stays [slot, kv head, head_dim] for every storage format.
-The cache may store float32, float16 or int8 (kernels/kv_format.py): each
-key and value is widened once into a float32 row that then serves every
-query of the tile, and int8 scales are applied once per key. For float caches the scales are None and the compiler
-drops those lines.
+A key block's partial comes from `_block_simd` when head_dim is a multiple
+of 64 (64 and 128 are usual) and the block size a multiple of 4, else from
+`_block` (the plain bodies, for any shape). `_block_simd` scores four keys
+at a time in 16-lane registers with one shared horizontal sum
+(`simd.hsum4`), keeps each output row in registers while a block's values
+stream past, and reads the cache in place (float32, float16 or int8: the
+int8 scales are applied once per key). `_block` widens each key and value
+into a float32 row that then serves every query of the tile. Scoring keys
+without any horizontal sum would need the keys of a block stored
+transposed (head_dim-major) in the cache; the cache layout stays [slot,
+kv head, head_dim] for every storage format. For float caches the scales
+are None and the compiler drops those lines.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
+from numba.core import config
 
 from .. import checks
+from . import simd
 from .bodies import attend
-from .common import FAST
+from .common import FAST, aligned_rows
+
+f32 = np.float32
 
 TILE_ROWS = 8
 SPLIT_BELOW = 4         # split by key blocks when there are fewer than this many items per thread
@@ -139,11 +145,118 @@ def _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, firs
                 attend.add_value(acc_blk, i, scores[i, j] * v_scale_j, row, 0, hd, 0, 1)
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _block_simd(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk, block_size,
+                kvh, scores, n, m_blk, l_blk, acc_blk):
+    """`_block` in 16-lane SIMD steps: the same partial, for head_dim a multiple of 64,
+    block_size a multiple of 4 and C-contiguous caches (`_simd_applies`).
+
+    Scores: four keys at a time, each query's four dot products are summed
+    in 16 lanes over head_dim and then across the lanes together
+    (`simd.hsum4`, the same numbers as four `simd.hsum`). Keys past a row's
+    last one (the diagonal block of a prefill) are scored too and ignored.
+    Values: each query's output stays in four 16-lane registers (64
+    elements at a time) while the block's values stream past it.
+    The stored keys and values are read in place (`simd.load` widens
+    float16 and int8 as it loads), so nothing is copied per key.
+
+    With plain loops over a runtime head_dim, the loop set-up, the one
+    horizontal sum per dot product and the accumulator's trip through memory
+    for every value cost several times the arithmetic.
+    """
+    hd = qs.shape[1]
+    Hkv = k_cache.shape[1]
+    stride = Hkv * hd                                      # from one slot's head to the next slot's
+    most = 0
+    for i in range(R):
+        n[i] = attend.keys_in_block(positions[t0 + i // group], blk, block_size)
+        most = max(most, n[i])
+        m_blk[i] = -np.inf
+    base = (first_slot * Hkv + kvh) * hd                   # cache[first_slot, kvh, 0], flat
+    for j in range(0, most, 4):                            # block_size % 4 == 0: keys j .. j+3 exist
+        at = base + j * stride
+        ks0, ks1, ks2, ks3 = _key_scales(k_scale, first_slot + j, kvh)
+        for i in range(R):
+            a0 = simd.zeros(); a1 = simd.zeros(); a2 = simd.zeros(); a3 = simd.zeros()
+            for c in range(0, hd, 16):
+                qc = simd.load(qs, i * hd + c)
+                a0 = simd.fma(a0, qc, simd.load(k_cache, at + c))
+                a1 = simd.fma(a1, qc, simd.load(k_cache, at + stride + c))
+                a2 = simd.fma(a2, qc, simd.load(k_cache, at + 2 * stride + c))
+                a3 = simd.fma(a3, qc, simd.load(k_cache, at + 3 * stride + c))
+            s0, s1, s2, s3 = simd.hsum4(a0, a1, a2, a3)
+            s0 *= ks0; s1 *= ks1; s2 *= ks2; s3 *= ks3
+            scores[i, j], scores[i, j + 1], scores[i, j + 2], scores[i, j + 3] = s0, s1, s2, s3
+            # The running maximum, here where the rows interleave (one row's
+            # comparisons in a loop of their own wait on each other).
+            m = m_blk[i]
+            if j + 4 <= n[i]:
+                m = s0 if s0 > m else m                    # NaN is never the maximum
+                m = s1 if s1 > m else m
+                m = s2 if s2 > m else m
+                m = s3 if s3 > m else m
+            else:                                          # the row's last keys: skip those it does not see
+                for jj in range(j, n[i]):
+                    m = scores[i, jj] if scores[i, jj] > m else m
+            m_blk[i] = m
+    for i in range(R):
+        if n[i] > 0:
+            l_blk[i] = _exp_and_sum(scores, i, n[i], m_blk[i])
+        for c in range(0, hd, 64):
+            a0 = simd.zeros(); a1 = simd.zeros(); a2 = simd.zeros(); a3 = simd.zeros()
+            at = base + c
+            for j in range(n[i]):
+                w = simd.splat(scores[i, j] if v_scale is None else scores[i, j] * v_scale[first_slot + j, kvh])
+                a0 = simd.fma(a0, w, simd.load(v_cache, at))
+                a1 = simd.fma(a1, w, simd.load(v_cache, at + 16))
+                a2 = simd.fma(a2, w, simd.load(v_cache, at + 32))
+                a3 = simd.fma(a3, w, simd.load(v_cache, at + 48))
+                at += stride
+            simd.store(a0, acc_blk, i * hd + c)
+            simd.store(a1, acc_blk, i * hd + c + 16)
+            simd.store(a2, acc_blk, i * hd + c + 32)
+            simd.store(a3, acc_blk, i * hd + c + 48)
+
+
+@numba.njit(inline="always")
+def _key_scales(k_scale, slot, kvh):
+    """The int8 scales of keys slot .. slot+3 of kv head kvh; 1 (exact) for float caches."""
+    if k_scale is None:
+        return f32(1.0), f32(1.0), f32(1.0), f32(1.0)
+    return k_scale[slot, kvh], k_scale[slot + 1, kvh], k_scale[slot + 2, kvh], k_scale[slot + 3, kvh]
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _exp_and_sum(scores, i, n, m):
+    """`attend.exp_and_sum` of row i, in a function of its own: inlined into
+    `_block_simd`, LLVM vectorised its loop 4 lanes wide instead of 8 and it cost 4x."""
+    return attend.exp_and_sum(scores, i, n, m, 0, 1)
+
+
+@numba.njit(inline="always")
+def _any_block(use_simd, qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk,
+               block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk):
+    """`_block_simd` when the caller found it applies (`_simd_applies`), else `_block`."""
+    if use_simd:
+        _block_simd(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk, block_size,
+                    kvh, scores, n, m_blk, l_blk, acc_blk)
+    else:
+        _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk, block_size,
+               kvh, row, scores, n, m_blk, l_blk, acc_blk)
+
+
+def _simd_applies(k_cache: np.ndarray, v_cache: np.ndarray, block_size: int) -> bool:
+    """`_block_simd` needs compiled code (not NUMBA_DISABLE_JIT), head_dim a multiple of 64
+    (64 and 128 are usual), block_size a multiple of 4 and C-contiguous caches."""
+    return (not config.DISABLE_JIT and k_cache.shape[2] % 64 == 0 and block_size % 4 == 0
+            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous)
+
+
 # ---------------------------------------------------------------- tiles of rows, blocks in turn
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
 def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
-                     n_workers, out):
+                     n_workers, use_simd, out):
     """out = attention of every row; worker w takes items (tile, kv head) w, w + n_workers, ..."""
     _, H, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -152,7 +265,7 @@ def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
     scale32 = np.float32(scale)            # keeps the score arithmetic in float32
     n_items = tiles.shape[0] * Hkv
     for w in prange(n_workers):
-        qs = np.empty((R_max, hd), np.float32)
+        qs = aligned_rows(R_max, hd)
         acc = np.empty((R_max, hd), np.float32)          # the running state of each (row, head)
         m = np.empty(R_max, np.float32)
         l = np.empty(R_max, np.float32)
@@ -161,7 +274,7 @@ def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
         n = np.empty(R_max, np.int64)
         m_blk = np.empty(R_max, np.float32)
         l_blk = np.empty(R_max, np.float32)
-        acc_blk = np.empty((R_max, hd), np.float32)
+        acc_blk = aligned_rows(R_max, hd)
         for item in range(w, n_items, n_workers):
             tile, kvh = item // Hkv, item % Hkv
             b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
@@ -173,8 +286,9 @@ def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
             for t in range(t0, t1):
                 longest = max(longest, positions[t] + 1)
             for blk in range((longest + block_size - 1) // block_size):
-                _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
-                       block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk)
+                _any_block(use_simd, qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
+                           block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk,
+                           acc_blk)
                 for i in range(R):
                     if n[i] > 0:
                         m[i], l[i] = attend.fold(m[i], l[i], acc, i, m_blk[i], l_blk[i], acc_blk, i, hd, 0, 1)
@@ -186,7 +300,7 @@ def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
 def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
-                     n_workers, out):
+                     n_workers, use_simd, out):
     """out = attention of every row, the key blocks of each (tile, kv head) dealt
     to the workers; partials stored, then folded per (row, head) in block order."""
     T, H, hd = q.shape
@@ -202,21 +316,21 @@ def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
     part_l = np.empty(T * H * most_blocks, np.float32)
     n_items = tiles.shape[0] * Hkv * most_blocks
     for w in prange(n_workers):
-        qs = np.empty((R_max, hd), np.float32)
+        qs = aligned_rows(R_max, hd)
         row = np.empty((1, hd), np.float32)
         scores = np.empty((R_max, block_size), np.float32)
         n = np.empty(R_max, np.int64)
         m_blk = np.empty(R_max, np.float32)
         l_blk = np.empty(R_max, np.float32)
-        acc_blk = np.empty((R_max, hd), np.float32)
+        acc_blk = aligned_rows(R_max, hd)
         for item in range(w, n_items, n_workers):
             tile, kvh, blk = item // (Hkv * most_blocks), item // most_blocks % Hkv, item % most_blocks
             b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
             if blk * block_size > positions[t0:t1].max():
                 continue                                   # no row of the tile reaches this block
             R = _scale_tile(q, t0, t1, kvh, group, scale32, qs)
-            _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
-                   block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk)
+            _any_block(use_simd, qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale,
+                       block_table[b, blk] * block_size, blk, block_size, kvh, row, scores, n, m_blk, l_blk, acc_blk)
             for i in range(R):
                 if n[i] > 0:
                     k = ((t0 + i // group) * H + kvh * group + i % group) * most_blocks + blk
@@ -256,5 +370,6 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     workers = numba.get_num_threads()
     split = workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers
     run = _attention_split if split else _attention_tiles
-    run(q, kc, vc, k_scale, v_scale, block_table, block_size, tiles, positions, scale, workers, out)
+    run(q, kc, vc, k_scale, v_scale, block_table, block_size, tiles, positions, scale, workers,
+        _simd_applies(kc, vc, block_size), out)
     return out

@@ -202,6 +202,35 @@ def hsum(typingctx, acc):
     return types.float32(acc), codegen
 
 
+@intrinsic
+def hsum4(typingctx, a0, a1, a2, a3):
+    """(hsum(a0), hsum(a1), hsum(a2), hsum(a3)), the same four numbers bit for bit, in
+    about a third of the instructions: the four vectors share each shuffle and addition
+    of the halving steps (two 8-lane halves side by side, then four 4-lane quarters, ...)."""
+    if not all(isinstance(v, F32x16) for v in (a0, a1, a2, a3)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        def halve(u, v, width):
+            # Lanes [u's lanes l and l + width/2 added, for each of its groups of `width`;
+            # then the same for v]: each group of `width` lanes becomes one of width/2.
+            n = u.type.count
+            low = [g + l for g in range(0, n, width) for l in range(width // 2)]
+            both_low = low + [n + i for i in low]
+            both_high = [i + width // 2 for i in both_low]
+            return builder.fadd(builder.shuffle_vector(u, v, _mask(both_low)),
+                                builder.shuffle_vector(u, v, _mask(both_high)))
+        v0, v1, v2, v3 = args
+        w01 = halve(v0, v1, LANES)          # 8 lanes of v0's partial sums, then 8 of v1's
+        w23 = halve(v2, v3, LANES)
+        x = halve(w01, w23, 8)              # 4 lanes each of v0, v1, v2, v3
+        y = halve(x, x, 4)                  # 2 lanes each (twice over)
+        z = halve(y, y, 2)                  # 1 lane each (four times over)
+        sums = [builder.extract_element(z, ir.Constant(ir.IntType(32), i)) for i in range(4)]
+        return context.make_tuple(builder, signature.return_type, sums)
+    return types.UniTuple(types.float32, 4)(a0, a1, a2, a3), codegen
+
+
 def _check_ints(x, w) -> bool:
     """x int8 or int16 (activations), w int8 or uint8 (weights)."""
     return (isinstance(x, types.Array) and x.dtype in (types.int8, types.int16)
@@ -261,13 +290,14 @@ def _check_float(array, dtype=None) -> bool:
 
 @intrinsic
 def load(typingctx, a, offset):
-    """a[offset : offset + 16] as float32 lanes: a float32 array, or the uint16 bits of float16 numbers.
+    """a[offset : offset + 16] as float32 lanes: a float32 array, the uint16 bits of float16 numbers,
+    or int8 numbers (an int8 KV cache, before its scale).
 
     float16 is widened by one `vcvtph2ps` on a CPU with F16C (every AVX2 CPU
     has it): exact, as every float16 is a float32, and equal to
-    `f16.f16_bits_to_f32` of each element.
+    `f16.f16_bits_to_f32` of each element. int8 becomes `vpmovsxbd` and `vcvtdq2ps`, exact too.
     """
-    if not _check_float(a):
+    if not (_check_float(a) or (isinstance(a, types.Array) and a.dtype == types.int8)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -275,6 +305,8 @@ def load(typingctx, a, offset):
         if array_type.dtype == types.float32:
             pointer = _element_pointer(context, builder, array_type, args[0], args[1], _F32)
             return builder.load(builder.bitcast(pointer, _VF.as_pointer()), align=4)
+        if array_type.dtype == types.int8:
+            return builder.sitofp(_load_ints(context, builder, array_type, args[0], args[1], LANES), _VF)
         pointer = _element_pointer(context, builder, array_type, args[0], args[1], ir.HalfType())
         halves = builder.load(builder.bitcast(pointer, ir.VectorType(ir.HalfType(), LANES).as_pointer()), align=2)
         return builder.fpext(halves, _VF)
@@ -304,3 +336,14 @@ def fma(typingctx, acc, a, b):
         acc_v, a_v, b_v = args
         return builder.fadd(acc_v, builder.fmul(a_v, b_v, flags=["contract"]), flags=["contract"])
     return f32x16(acc, a, b), codegen
+
+
+@intrinsic
+def splat(typingctx, x):
+    """16 lanes, each the float32 x."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _splat(builder, context.cast(builder, args[0], signature.args[0], types.float32))
+    return f32x16(x), codegen
