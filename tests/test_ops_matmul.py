@@ -257,10 +257,26 @@ def test_linear_at_every_tile_and_block_boundary(fmt):
     rng = np.random.default_rng(0)
     for T in (0, 1, 2, 3, 4, 5, 63, 64, 65, 131):
         for N in (1, 2, 3, 4, 47, 48, 49, 97):
-            for K in ((0, 1, 8, 67) if fmt in ("f32", "f16") else (32, 96)):
+            for K in ((0, 1, 8, 48, 67) if fmt in ("f32", "f16") else (32, 96)):
                 x = rng.standard_normal((T, K), dtype=np.float32)
                 w = as_format(rng.standard_normal((N, K), dtype=np.float32), fmt)
                 assert_close(cpu.linear(x, w), ref.linear(x, w), scale=error_scale(x, w))
+
+
+@format_params
+def test_a_token_gets_the_same_bits_in_any_gemm(fmt):
+    """With many tokens, a token's outputs do not depend on the others: tiles of
+    four tokens and the leftover tokens sum each output in the same order.
+    (`cpu` is the exact path; the integer one is tested in test_ops_intmatmul.py.)"""
+    ops = cpu
+    rng = np.random.default_rng(6)
+    for K in (64, 96):
+        x = rng.standard_normal((11, K)).astype(np.float32)
+        w = as_format(rng.standard_normal((50, K)).astype(np.float32), fmt)
+        full = ops.linear(x, w)
+        for t0, t1 in [(0, 2), (3, 6), (5, 11), (10, 11)]:
+            if t1 - t0 > 1:                       # one token alone takes the GEMV
+                np.testing.assert_array_equal(ops.linear(x[t0:t1], w), full[t0:t1])
 
 
 def test_linear_many_rows_and_long_rows():

@@ -172,16 +172,19 @@ class HostOps(Ops):
         return np.asarray(a)
 
     def empty(self, shape, dtype):
-        return _aligned(np.empty, shape, dtype)
+        return aligned_array(np.empty, shape, dtype)
 
     def zeros(self, shape, dtype):
         # np.zeros maps pages lazily: memory is touched only where it is written.
-        return _aligned(np.zeros, shape, dtype)
+        return aligned_array(np.zeros, shape, dtype)
 
     def upload_weight(self, w, f32: bool = False):
         if isinstance(w, QuantWeight) or (w.dtype == np.float16 and w.ndim == 2 and not f32):
             return w
-        return np.ascontiguousarray(w, dtype=np.float32)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if w.ndim == 2 and w.ctypes.data % ALIGN:      # a float32 matrix: the GEMM's tiles load its rows
+            w = _copy_to(aligned_array(np.empty, w.shape, w.dtype), w)
+        return w
 
     def split_qkv(self, qkv, n_heads, n_kv_heads, head_dim):
         checks.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
@@ -198,15 +201,20 @@ class HostOps(Ops):
 ALIGN = 64      # bytes
 
 
-def _aligned(make, shape, dtype) -> np.ndarray:
-    """make(shape, dtype) with its data starting on a 64-byte cache line.
+def aligned_array(make, shape, dtype) -> np.ndarray:
+    """make(shape, dtype) (np.empty or np.zeros) with its data starting on a 64-byte cache line.
 
     numpy starts a large array 16 bytes into a line, so every 64-byte SIMD
-    load from it (AVX-512) would touch two lines; the attention kernels read
-    the KV cache (made here) from the L1 cache many times, at half speed
-    that way (cpu/common.py)."""
+    load from it (AVX-512) would touch two lines: the CPU kernels that load
+    the same rows from the L1 cache many times (attention's KV cache, the
+    GEMM's tiles) ran at half speed that way."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     buf = make(nbytes + ALIGN, np.uint8)
     start = -buf.ctypes.data % ALIGN
     return buf[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _copy_to(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    dst[...] = src
+    return dst

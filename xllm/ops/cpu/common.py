@@ -18,14 +18,17 @@ A 64-byte SIMD load that starts inside a cache line touches two lines and
 costs about twice as much. Arrays from numpy start 16 bytes into a line
 (large ones) and numba's np.empty 32 bytes, so a kernel that streams the
 same rows from the L1 cache again and again (attention) ran at half speed.
-Its scratch rows come from `aligned_rows`; the host devices allocate the KV
-cache the same way (`interface.HostOps`).
+Scratch rows in kernels come from `aligned_rows`, the wrappers' outputs
+from `empty` and `zeros`; the host devices allocate the KV cache and keep
+float32 weights the same way (`interface.HostOps`).
 """
 
 import types
 
 import numba
 import numpy as np
+
+from ..interface import aligned_array
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -67,6 +70,16 @@ def first_out_of_range(idx, limit):
 
 
 ALIGN = 64     # bytes: one cache line, one AVX-512 register
+
+
+def empty(shape, dtype=np.float32) -> np.ndarray:
+    """np.empty on a cache line: the outputs of the wrappers, which the next kernel reads."""
+    return aligned_array(np.empty, shape, dtype)
+
+
+def zeros(shape, dtype=np.float32) -> np.ndarray:
+    """np.zeros on a cache line."""
+    return aligned_array(np.zeros, shape, dtype)
 
 
 @numba.njit(cache=True)

@@ -69,13 +69,13 @@ def _lookup(drivers, table, ids, out, rows) -> np.ndarray:
 
 def embedding_float(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """out[t] = table[ids[t]].  table float32 or float16 [V, D], ids [T] int32 -> new float32 [T, D]."""
-    out = np.empty((ids.shape[0], table.shape[1]), np.float32)
+    out = common.empty((ids.shape[0], table.shape[1]), np.float32)
     return _lookup(_FLOAT, table, ids, out, out)
 
 
 def embedding_quant(table, ids: np.ndarray) -> np.ndarray:
     """out[t] = table.dequantize()[ids[t]], dequantizing only those rows.  -> new float32 [T, D]."""
-    out = np.empty((ids.shape[0], table.shape[1]), np.float32)
+    out = common.empty((ids.shape[0], table.shape[1]), np.float32)
     nb = table.d.shape[1]                                  # blocks per row (1 for w8a8)
     blocks = out.reshape(ids.shape[0], nb, table.shape[1] // nb)
     return _lookup(_Q8 if table.format in ("q8_0", "w8a8") else _Q4, table, ids, out, blocks)

@@ -54,6 +54,7 @@ from .. import checks
 from ..reference import ACTIVATION_BITS
 from . import qmatmul, simd
 from .bodies import qblock, qdot
+from . import common
 from .common import FAST
 
 f32 = np.float32
@@ -150,7 +151,7 @@ def _quantized(x: np.ndarray, nb: int, bits: int) -> tuple[np.ndarray, np.ndarra
     """x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it, plus the blocks' sums:
     (xq int8 or int16 [T, nb, K/nb], xd float32 [T, nb], xsum int32 [T, nb])."""
     T, K = x.shape
-    xq = np.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
+    xq = common.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
     xd = np.empty((T, nb), np.float32)
     xsum = np.empty((T, nb), np.int32)
     _quantize(x, np.float32(2 ** (bits - 1) - 1), xq, xd, xsum)
@@ -166,7 +167,7 @@ def linear_i8(x: np.ndarray, w) -> np.ndarray:
     if x.shape[0] > INT_MAX_TOKENS.get(w.format, x.shape[0]):
         return qmatmul.LINEAR[w.format](x, w)
     qs, d = checks.weight_arrays(w)
-    out = np.zeros((x.shape[0], qs.shape[0]), np.float32)
+    out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
         xq, xd, _ = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
         _linear_i8(xq, xd, qs, d, out)
@@ -178,7 +179,7 @@ def linear_i4(x: np.ndarray, w) -> np.ndarray:
     if x.shape[0] > INT_MAX_TOKENS[w.format]:
         return qmatmul.LINEAR[w.format](x, w)
     qs, d, o, c = checks.weight_arrays(w)
-    out = np.zeros((x.shape[0], qs.shape[0]), np.float32)
+    out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
         xq, xd, xsum = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
         _linear_i4(xq, xd, xsum, qs, d, o, c, out)

@@ -46,7 +46,8 @@ from numba.core import config
 from .. import checks
 from . import simd
 from .bodies import f16, qblock
-from .common import FAST
+from . import common
+from .common import FAST, aligned_rows
 
 ROWS_PER_BLOCK = 48     # weight rows per work item of _gemm (a multiple of 3)
 TOKENS_PER_BLOCK = 64   # token rows per work item of _gemm (a multiple of 4)
@@ -121,6 +122,44 @@ def _tile_4x3(x, w, out, t, n, K):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def _simd_tile_4x3(x, w, out, t, n, K):
+    """`_tile_4x3` in 16-lane registers (K a multiple of 16; x and w C-contiguous float32).
+
+    Twelve 16-lane accumulators, one per (token, row), summed across their
+    lanes at the end (`simd.hsum4`). LLVM vectorised `_tile_4x3` 8 lanes
+    wide; here each step is 16 columns. Every output element is a 16-lane
+    sum over K followed by the fixed lane sum, exactly as in `_simd_tile_1x1`,
+    so a token gets the same bits in a tile of four or alone.
+    """
+    a00 = simd.zeros(); a01 = simd.zeros(); a02 = simd.zeros()
+    a10 = simd.zeros(); a11 = simd.zeros(); a12 = simd.zeros()
+    a20 = simd.zeros(); a21 = simd.zeros(); a22 = simd.zeros()
+    a30 = simd.zeros(); a31 = simd.zeros(); a32 = simd.zeros()
+    for k in range(0, K, 16):
+        w0 = simd.load(w, n * K + k); w1 = simd.load(w, (n + 1) * K + k); w2 = simd.load(w, (n + 2) * K + k)
+        x0 = simd.load(x, t * K + k)
+        a00 = simd.fma(a00, x0, w0); a01 = simd.fma(a01, x0, w1); a02 = simd.fma(a02, x0, w2)
+        x1 = simd.load(x, (t + 1) * K + k)
+        a10 = simd.fma(a10, x1, w0); a11 = simd.fma(a11, x1, w1); a12 = simd.fma(a12, x1, w2)
+        x2 = simd.load(x, (t + 2) * K + k)
+        a20 = simd.fma(a20, x2, w0); a21 = simd.fma(a21, x2, w1); a22 = simd.fma(a22, x2, w2)
+        x3 = simd.load(x, (t + 3) * K + k)
+        a30 = simd.fma(a30, x3, w0); a31 = simd.fma(a31, x3, w1); a32 = simd.fma(a32, x3, w2)
+    out[t, n], out[t, n + 1], out[t, n + 2], out[t + 1, n] = simd.hsum4(a00, a01, a02, a10)
+    out[t + 1, n + 1], out[t + 1, n + 2], out[t + 2, n], out[t + 2, n + 1] = simd.hsum4(a11, a12, a20, a21)
+    out[t + 2, n + 2], out[t + 3, n], out[t + 3, n + 1], out[t + 3, n + 2] = simd.hsum4(a22, a30, a31, a32)
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _simd_tile_1x1(x, w, out, t, n, K):
+    """out[t, n] = x[t] . w[n], summed as `_simd_tile_4x3` sums each of its elements."""
+    a = simd.zeros()
+    for k in range(0, K, 16):
+        a = simd.fma(a, simd.load(x, t * K + k), simd.load(w, n * K + k))
+    out[t, n] = simd.hsum(a)
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def _tile_1x3(x, w, out, t, n, K):
     """out[t, n:n+3] = w[n:n+3] @ x[t]: the tile for leftover tokens."""
     a0 = np.float32(0.0); a1 = np.float32(0.0); a2 = np.float32(0.0)
@@ -146,6 +185,17 @@ def _gemm_block(x, w, out, n0, n1, t0, t1):
     K = x.shape[1]
     n3 = n1 - (n1 - n0) % 3          # rows n0..n3 go in threes
     t4 = t1 - (t1 - t0) % 4          # tokens t0..t4 go in fours
+    if K % simd.LANES == 0 and not config.DISABLE_JIT:
+        for t in range(t0, t4, 4):
+            for n in range(n0, n3, 3):
+                _simd_tile_4x3(x, w, out, t, n, K)
+        for t in range(t4, t1):
+            for n in range(n0, n1):
+                _simd_tile_1x1(x, w, out, t, n, K)
+        for n in range(n3, n1):
+            for t in range(t0, t4):
+                _simd_tile_1x1(x, w, out, t, n, K)
+        return
     for t in range(t0, t4, 4):
         for n in range(n0, n3, 3):
             _tile_4x3(x, w, out, t, n, K)
@@ -211,7 +261,7 @@ def _gemm_f16(x, w, rows_per_job, n_workers, out):
     N = w.shape[0]
     n_jobs = (N + rows_per_job - 1) // rows_per_job
     for worker in prange(n_workers):
-        scratch = np.empty((rows_per_job, K), np.float32)    # this worker's, reused per job
+        scratch = aligned_rows(rows_per_job, K)    # this worker's, reused per job
         for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
             n0 = job * rows_per_job
             rows = min(rows_per_job, N - n0)
@@ -224,7 +274,7 @@ def _gemm_f16(x, w, rows_per_job, n_workers, out):
 
 def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32."""
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    out = common.empty((x.shape[0], w.shape[0]), np.float32)
     if x.shape[0] == 1 and w.shape[0] > 0:
         _gemv(x, w, out)
     else:
@@ -236,7 +286,7 @@ def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w.T.  x [T, K] float32, w [N, K] float16 -> new [T, N] float32."""
     (bits,) = checks.weight_arrays(w)
     T, N = x.shape[0], w.shape[0]
-    out = np.empty((T, N), np.float32)
+    out = common.empty((T, N), np.float32)
     if T == 1 and N > 0:
         _gemv(x, bits, out)
     elif T > 1 and N > 0:

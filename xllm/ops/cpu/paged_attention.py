@@ -49,6 +49,7 @@ from numba.core import config
 from .. import checks
 from . import simd
 from .bodies import attend
+from . import common
 from .common import FAST, aligned_rows
 
 f32 = np.float32
@@ -366,7 +367,7 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     if code:
         raise checks.index_error(code, where)
     kc, vc = checks.kv_caches("attention", k_cache, v_cache, k_scale, v_scale)
-    out = np.empty(q.shape, np.float32)
+    out = common.empty(q.shape, np.float32)
     workers = numba.get_num_threads()
     split = workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers
     run = _attention_split if split else _attention_tiles

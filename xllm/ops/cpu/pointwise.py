@@ -39,7 +39,7 @@ _rmsnorm_serial, _rmsnorm_parallel = serial_and_parallel(_rmsnorm, fastmath=FAST
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * w per row.  x [T, D], w [D] -> new [T, D]."""
     checks.rmsnorm(x, w)
-    out = np.empty(x.shape, np.float32)
+    out = common.empty(x.shape, np.float32)
     run = _rmsnorm_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _rmsnorm_serial
     run(x, w, float(eps), out)
     return out
@@ -67,7 +67,7 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray)
     cos, sin [P, hd // 2] from `rope_tables`; positions [T] int32, each < P.
     """
     checks.rope(x, positions, cos, sin)
-    out = np.empty(x.shape, np.float32)
+    out = common.empty(x.shape, np.float32)
     run = _rope_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _rope_serial
     bad = run(x, positions, cos, sin, out)
     if bad >= 0:
@@ -91,7 +91,7 @@ _silu_mul_serial, _silu_mul_parallel = serial_and_parallel(_silu_mul, fastmath=F
 def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """SwiGLU activation: gate_up [T, 2F] -> new [T, F], silu(gate) * up."""
     checks.silu_mul(gate_up)
-    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    out = common.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
     run = _silu_mul_parallel if gate_up.size >= common.PARALLEL_MIN_ELEMENTS else _silu_mul_serial
     run(gate_up, out)
     return out
@@ -110,7 +110,7 @@ _add_serial, _add_parallel = serial_and_parallel(_add)
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x + y for two arrays of the same shape (any rank) -> new array."""
     checks.add(x, y)
-    out = np.empty(x.shape, np.float32)
+    out = common.empty(x.shape, np.float32)
     run = _add_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _add_serial
     run(x.reshape(-1), y.reshape(-1), out.reshape(-1))
     return out

@@ -84,7 +84,8 @@ from numba import prange
 
 from .. import checks
 from .bodies import qblock
-from .common import FAST
+from . import common
+from .common import FAST, aligned_rows
 from .matmul import _gemm_block, scratch_jobs
 
 
@@ -126,7 +127,7 @@ def _gemm_q8(x, qs, d, rows_per_job, n_workers, out):
     N, nb, bs = qs.shape
     n_jobs = (N + rows_per_job - 1) // rows_per_job
     for worker in prange(n_workers):
-        w = np.empty((rows_per_job, K), np.float32)        # this worker's scratch, reused per job
+        w = aligned_rows(rows_per_job, K)        # this worker's scratch, reused per job
         w_blocks = w.reshape(rows_per_job, nb, bs)          # the same memory, block by block
         for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
             n0 = job * rows_per_job
@@ -143,7 +144,7 @@ def _gemm_q4(x, qs, d, o, c, rows_per_job, n_workers, out):
     N, nb, half = qs.shape
     n_jobs = (N + rows_per_job - 1) // rows_per_job
     for worker in prange(n_workers):
-        w = np.empty((rows_per_job, K), np.float32)
+        w = aligned_rows(rows_per_job, K)
         w_blocks = w.reshape(rows_per_job, nb, 2 * half)
         for job in range(worker * n_jobs // n_workers, (worker + 1) * n_jobs // n_workers):
             n0 = job * rows_per_job
@@ -159,7 +160,7 @@ def linear_q8(x: np.ndarray, w) -> np.ndarray:
     """y = x @ w.dequantize().T for a q8_0 QuantWeight, without making the float32 matrix.  -> new [T, N]."""
     qs, d = checks.weight_arrays(w)
     T, N = x.shape[0], qs.shape[0]
-    out = np.empty((T, N), np.float32)
+    out = common.empty((T, N), np.float32)
     if T == 1:
         _gemv_q8(x, qs, d, out)
     elif T > 1 and N > 0:
@@ -171,7 +172,7 @@ def linear_q4(x: np.ndarray, w) -> np.ndarray:
     """y = x @ w.dequantize().T for a q4_0 or q4_1 QuantWeight, without making the float32 matrix."""
     qs, d, o, c = checks.weight_arrays(w)
     T, N = x.shape[0], qs.shape[0]
-    out = np.empty((T, N), np.float32)
+    out = common.empty((T, N), np.float32)
     if T == 1:
         _gemv_q4(x, qs, d, o, c, out)
     elif T > 1 and N > 0:
