@@ -524,12 +524,15 @@ def test_hsum4_gives_the_bits_of_four_hsums():
 
 def test_host_arrays_and_scratch_rows_start_on_a_cache_line():
     """The KV cache (`ops.zeros`) and the attention's scratch rows start on a
-    64-byte line: a 64-byte load from anywhere else reads two lines."""
+    64-byte line: a 64-byte load from anywhere else reads two lines. (Arrays
+    under ALIGN_FROM bytes are made as numpy makes them.)"""
     from xllm.ops.cpu.common import aligned_rows
+    from xllm.ops.interface import ALIGN_FROM
 
     for shape, dtype in [((7,), np.float32), ((300, 3, 64), np.float32), ((1000, 2, 64), np.uint16), ((5, 3), np.int8)]:
         for a in (cpu.zeros(shape, dtype), cpu.empty(shape, dtype)):
-            assert a.ctypes.data % 64 == 0 and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % 64 == 0 or a.nbytes < ALIGN_FROM
         assert not cpu.zeros(shape, dtype).any()
     for rows, cols in [(1, 1), (24, 64), (3, 128)]:
         r = aligned_rows(rows, cols)

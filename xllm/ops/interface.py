@@ -36,6 +36,7 @@ next `download` or `synchronize`, as CUDA itself reports errors.
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import numpy as np
@@ -198,7 +199,8 @@ class HostOps(Ops):
         return x[rows]          # numpy raises IndexError for a row past the end
 
 
-ALIGN = 64      # bytes
+ALIGN = 64              # bytes
+ALIGN_FROM = 64 << 10   # smaller arrays are made as numpy makes them
 
 
 def aligned_array(make, shape, dtype) -> np.ndarray:
@@ -207,9 +209,14 @@ def aligned_array(make, shape, dtype) -> np.ndarray:
     numpy starts a large array 16 bytes into a line, so every 64-byte SIMD
     load from it (AVX-512) would touch two lines: the CPU kernels that load
     the same rows from the L1 cache many times (attention's KV cache, the
-    GEMM's tiles) ran at half speed that way."""
+    GEMM's tiles) ran at half speed that way. Arrays under ALIGN_FROM bytes
+    (one token's activations) are left as they come: aligning costs a few
+    microseconds a call, more than a decode step's kernels lose to split loads.
+    """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize if isinstance(shape, tuple) else int(shape) * dtype.itemsize
+    if nbytes < ALIGN_FROM:
+        return make(shape, dtype)
     buf = make(nbytes + ALIGN, np.uint8)
     start = -buf.ctypes.data % ALIGN
     return buf[start : start + nbytes].view(dtype).reshape(shape)

@@ -6,11 +6,11 @@ xllm/ops/kernels/qdot.py. This is the CPU's default for those formats
 (`get_ops("cpu")`); `get_ops("cpu", exact=True)` multiplies in float32
 instead (qmatmul.py).
 
-Each call does two passes:
+Each call (one numba call) does two passes:
 
-  1. quantize every token's x once: integer blocks, their scales and sums
-     (`qdot.quantize_row`; int16 per 32 values for the GGUF formats, int8
-     per row for w8a8, as `reference.linear_int` says and explains);
+  1. quantize every token's x once, on one thread: integer blocks, their
+     scales and sums (`qdot.quantize_row`; int16 per 32 values for the GGUF
+     formats, int8 per row for w8a8, as `reference.linear_int` says and explains);
   2. threads take groups of four weight rows (`qblock.group4`) and compute
      their dot products with every token, one token after the other.
 
@@ -113,19 +113,35 @@ _idot4_q8 = qdot.idot4_q8 if config.DISABLE_JIT else _simd_idot4_q8
 _idot4_q4 = qdot.idot4_q4 if config.DISABLE_JIT else _simd_idot4_q4
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _quantize(x, qmax, xq, xd, xsum):
     """Every token of x [T, K] as integer blocks (`qdot.quantize_row`; xq [T, nb, bs] int8 or int16).
 
     Without fast-math, so that every float operation is the specification's.
+    One thread: the kernels below call it before their threads start, on the
+    few tokens (at most INT_MAX_TOKENS, except w8a8) that take this path.
     """
-    for t in prange(x.shape[0]):
+    for t in range(x.shape[0]):
         qdot.quantize_row(x[t], qmax, xq[t], xd[t], xsum[t], 0, 1)
 
 
+@numba.njit(cache=True)
+def _quantized(x, nb, qmax, xq_like):
+    """(xq, xd, xsum) of x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it,
+    plus the blocks' sums: xq [T, nb, K/nb] of xq_like's type (int8 or int16), xd float32 [T, nb],
+    xsum int32 [T, nb]."""
+    T, K = x.shape
+    xq = np.empty((T, nb, K // nb), xq_like.dtype)
+    xd = np.empty((T, nb), np.float32)
+    xsum = np.empty((T, nb), np.int32)
+    _quantize(x, qmax, xq, xd, xsum)
+    return xq, xd, xsum
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
-def _linear_i8(xq, xd, qs, d, out):
-    """out[t, n] = x[t] . w[n] for a q8_0 or w8a8 matrix (qs int8 [N, nb, bs]), x quantized."""
+def _linear_i8(x, qmax, xq_like, qs, d, out):
+    """out[t, n] = x[t] . w[n] for a q8_0 or w8a8 matrix (qs int8 [N, nb, bs]), x quantized first."""
+    xq, xd, _ = _quantized(x, qs.shape[1], qmax, xq_like)
     N = qs.shape[0]
     Q = (N + 3) // 4
     for g in prange(Q):
@@ -136,8 +152,9 @@ def _linear_i8(xq, xd, qs, d, out):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
-def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
-    """out[t, n] = x[t] . w[n] for a q4_0 (o = d, c = -8) or q4_1 (o = m, c = 1) matrix, x quantized."""
+def _linear_i4(x, qmax, xq_like, qs, d, o, c, out):
+    """out[t, n] = x[t] . w[n] for a q4_0 (o = d, c = -8) or q4_1 (o = m, c = 1) matrix, x quantized first."""
+    xq, xd, xsum = _quantized(x, qs.shape[1], qmax, xq_like)
     N = qs.shape[0]
     Q = (N + 3) // 4
     for g in prange(Q):
@@ -147,15 +164,13 @@ def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
             qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
 
 
-def _quantized(x: np.ndarray, nb: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it, plus the blocks' sums:
-    (xq int8 or int16 [T, nb, K/nb], xd float32 [T, nb], xsum int32 [T, nb])."""
-    T, K = x.shape
-    xq = common.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
-    xd = np.empty((T, nb), np.float32)
-    xsum = np.empty((T, nb), np.int32)
-    _quantize(x, np.float32(2 ** (bits - 1) - 1), xq, xd, xsum)
-    return xq, xd, xsum
+def _activation_type(fmt: str) -> tuple[np.float32, np.ndarray]:
+    """(qmax, an empty array of the integer type) of the activations for weights of `fmt`."""
+    bits = ACTIVATION_BITS[fmt]
+    return np.float32(2 ** (bits - 1) - 1), _EMPTY[bits]
+
+
+_EMPTY = {8: np.empty(0, np.int8), 16: np.empty(0, np.int16)}
 
 
 # Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
@@ -169,8 +184,7 @@ def linear_i8(x: np.ndarray, w) -> np.ndarray:
     qs, d = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        xq, xd, _ = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
-        _linear_i8(xq, xd, qs, d, out)
+        _linear_i8(x, *_activation_type(w.format), qs, d, out)
     return out
 
 
@@ -181,8 +195,7 @@ def linear_i4(x: np.ndarray, w) -> np.ndarray:
     qs, d, o, c = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        xq, xd, xsum = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
-        _linear_i4(xq, xd, xsum, qs, d, o, c, out)
+        _linear_i4(x, *_activation_type(w.format), qs, d, o, c, out)
     return out
 
 
