@@ -29,14 +29,17 @@ whatever the number of tokens.
 
 Many tokens. Each token still costs a pass of integer products, while the
 float GEMM of qmatmul.py dequantizes each weight once per call and then
-runs register tiles at full float speed. For the GGUF formats the float
-GEMM wins from `INT_MAX_TOKENS` tokens on (measured on one Sapphire Rapids
-core: q8_0 int/float 2.1-2.4x at 1 token, 1.0x at 8, 0.8-1.1x at 16; q4_1
-2.2x at 1, 0.9x at 4), so calls with more tokens go there. With int16
-activations the two paths agree to within float rounding (reference.linear_int).
-w8a8 stays on integers at every size: its blocks are whole rows, so its
-sums stay integer until the end (`simd.idot32_i8`), and it is faster than
-the float GEMM at 32 tokens too (1.3-1.4x).
+runs 16-lane register tiles. For the GGUF formats the float GEMM wins
+past `INT_MAX_TOKENS` tokens (measured on one Sapphire Rapids core, time of
+the integer kernel over the float GEMM, 3072x576 and 576x1536: q8_0 0.36-0.37
+at 2 tokens, 0.41-0.44 at 3, 0.8-1.2 at 4 to 6, 1.2-1.6 at 8; q4_1 0.52 at 2,
+0.62-0.76 at 3, 1.06-1.25 at 4), so calls with more tokens go there. With
+int16 activations the two paths agree to within float rounding
+(reference.linear_int). w8a8 stays on integers at every size, as its name
+says (activations quantized too), although the float GEMM is faster from
+about 16 tokens on (int over float time 0.7 at 8 tokens, 0.9-1.1 at 16,
+1.23 at 32): its blocks are whole rows, so its sums stay integer until the
+end (`simd.idot32_i8`).
 
 q4_0 and q4_1 share a kernel as in qmatmul.py: value = d q + o c, so a
 block adds xd (d * sum qx qw + o c * sum qx); the first sum is the SIMD
@@ -174,7 +177,7 @@ _EMPTY = {8: np.empty(0, np.int8), 16: np.empty(0, np.int16)}
 
 
 # Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
-INT_MAX_TOKENS = {"q8_0": 8, "q4_0": 4, "q4_1": 4}
+INT_MAX_TOKENS = {"q8_0": 3, "q4_0": 3, "q4_1": 3}
 
 
 def linear_i8(x: np.ndarray, w) -> np.ndarray:
