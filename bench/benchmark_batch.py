@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xllm.ops import OPS
+from xllm.ops import FUSED, OPS
 
 SYNTHETIC_LENGTHS = (5, 13, 27, 51)
 
@@ -60,13 +60,14 @@ class OpTimer:
     `llm.model.ops = OpTimer(llm.model.ops)` before a run; afterwards
     `per_step(rows)` gives the milliseconds each operator took per forward
     step that had exactly `rows` rows (so decode steps of a full batch can be
-    told apart from prompt steps). `linear` is split by weight shape. Of the
+    told apart from prompt steps). `linear` is split by weight shape; a fused
+    operator (`xllm.ops.FUSED`) is timed as one. Of the
     memory functions only split_qkv, a copy of the activations, is timed; the
     others (uploading the step's few indices, downloading its logits) pass
     through.
     """
 
-    TIMED = set(OPS) | {"split_qkv"}
+    TIMED = set(OPS) | set(FUSED) | {"split_qkv"}
 
     def __init__(self, ops):
         self.ops = ops

@@ -22,6 +22,12 @@ One layer, for rows x[T, dim]:
     x      = x + attention(q, cache) @ Wo^T
     h      = rmsnorm(x)
     x      = x + (silu(h @ Wgate^T) * (h @ Wup^T)) @ Wdown^T
+
+The code takes the glue between the matrix products in two fused
+operators (`Ops.add_rmsnorm`, `Ops.rope_store`): a residual addition with
+the norm after it (the next layer's first norm, or the final one), and
+split + rope + cache store. They are compositions of the operators above,
+one call each where a device fuses them.
 """
 
 from __future__ import annotations
@@ -144,22 +150,22 @@ class Llama:
         positions, cu_q = ops.upload(batch.positions), ops.upload(batch.cu_q)
         block_table, slots = ops.upload(batch.block_table), ops.upload(batch.slot_mapping)
         x = ops.embedding(w["tok_embeddings"], ops.upload(batch.tokens))
+        h = ops.rmsnorm(x, w["layers.0.attn_norm"], c.rms_eps)
         for i in range(c.n_layers):
             p = f"layers.{i}."
-            h = ops.rmsnorm(x, w[p + "attn_norm"], c.rms_eps)
-            q, k, v = ops.split_qkv(ops.linear(h, w[p + "wqkv"]), H, KV, hd)
-            q = ops.rope(q, positions, self.cos, self.sin)
-            k = ops.rope(k, positions, self.cos, self.sin)
             kv = cache.layer(i)   # fp32, fp16, or int8 with per-token scales
-            ops.store_kv(k, v, kv.k, kv.v, slots, kv.k_scale, kv.v_scale)
+            # q, k, v = split(h @ Wqkv^T); q, k = rope(q), rope(k); cache <- k, v
+            q = ops.rope_store(ops.linear(h, w[p + "wqkv"]), H, KV, hd, positions, self.cos, self.sin,
+                               kv.k, kv.v, slots, kv.k_scale, kv.v_scale)
             a = ops.attention(q, kv.k, kv.v, block_table, cache.block_size, cu_q, positions, self.scale,
                               kv.k_scale, kv.v_scale)
-            x = ops.add(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]))
-            h = ops.rmsnorm(x, w[p + "ffn_norm"], c.rms_eps)
-            x = ops.add(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]))
-        x = ops.rmsnorm(x, w["norm"], c.rms_eps)
+            x, h = ops.add_rmsnorm(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]), w[p + "ffn_norm"], c.rms_eps)
+            # the residual, and the norm that starts the next layer (or the final one)
+            after = f"layers.{i + 1}.attn_norm" if i + 1 < c.n_layers else "norm"
+            x, h = ops.add_rmsnorm(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]),
+                                   w[after], c.rms_eps)
         rows = ops.upload(np.asarray(logit_rows, np.int32))
-        return ops.download(ops.logits(x, rows, w["output"]))
+        return ops.download(ops.logits(h, rows, w["output"]))
 
     def logits_for(self, ids: list[int], kv_dtype: str = "fp32", chunk: int = 256,
                    block_size: int = 128) -> np.ndarray:

@@ -31,9 +31,9 @@ import os
 import sys
 
 from ..errors import XllmError
-from .interface import MEMORY, OPS, HostOps, Ops
+from .interface import FUSED, MEMORY, OPS, HostOps, Ops
 
-__all__ = ["DEVICES", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "Ops", "available_devices",
+__all__ = ["DEVICES", "FUSED", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "Ops", "available_devices",
            "get_ops", "ops_for", "resolve_device"]
 
 DEVICES = ("cpu", "reference", "cuda", "cuda-sim")

@@ -6,6 +6,14 @@ nothing but these, so they run unchanged on every device:
     memory      upload, download, empty, zeros, upload_weight, split_qkv, synchronize
     operators   embedding, rmsnorm, linear, rope, rope_tables, store_kv, attention,
                 silu_mul, add, logits
+    fused       add_rmsnorm, rope_store: compositions of the operators above,
+                written here once; a device may replace one with a single
+                kernel (the CPU does), with the same result to rounding
+
+A fused operator exists because each operator call costs a few microseconds
+beyond its work (checks, dispatch, allocation): during decode, a layer's
+operators touch a few thousand numbers each, and six calls out of fourteen
+per layer were such glue.
 
 An array of a device is whatever that device computes on: numpy arrays for
 "cpu" and "reference", numba.cuda device arrays for "cuda" (and the
@@ -46,6 +54,7 @@ from . import checks
 
 OPS = ("embedding", "rmsnorm", "linear", "rope", "rope_tables", "store_kv", "attention",
        "silu_mul", "add", "logits")
+FUSED = ("add_rmsnorm", "rope_store")
 MEMORY = ("upload", "download", "empty", "zeros", "upload_weight", "split_qkv", "synchronize")
 
 
@@ -148,6 +157,25 @@ class Ops:
 
     def add(self, x, y):
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ fused operators
+
+    def add_rmsnorm(self, x, y, w, eps: float):
+        """(s, rmsnorm(s, w, eps)) with s = x + y: a residual connection and the norm after it.
+        x, y [T, D], w [D] -> two new [T, D]."""
+        s = self.add(x, y)
+        return s, self.rmsnorm(s, w, eps)
+
+    def rope_store(self, qkv, n_heads: int, n_kv_heads: int, head_dim: int, positions, cos, sin,
+                   k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        """From the stacked projection qkv [T, (H + 2 Hkv) hd] to the cache: split it
+        (`split_qkv`), rotate q and k (`rope`), write k and v at slot_mapping
+        (`store_kv`); returns the rotated q [T, H, hd]. A bad position or slot
+        raises ValueError before anything is written."""
+        q, k, v = self.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
+        q = self.rope(q, positions, cos, sin)
+        self.store_kv(self.rope(k, positions, cos, sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return q
 
     # ------------------------------------------------------------------ helpers
 

@@ -6,7 +6,7 @@ check shapes and indices, allocate the output and call a compiled driver,
 which runs the bodies of `xllm/ops/kernels/` (compiled in `bodies.py`)
 over the rows, in threads (`prange`) when the work is large enough:
 
-  pointwise.py        rmsnorm, rope, silu_mul, add
+  pointwise.py        rmsnorm, rope, silu_mul, add, add_rmsnorm (fused)
   embedding.py        embedding (float tables and quantized ones)
   matmul.py           linear for float32 and float16 weights (GEMV for one
                       token, register-tiled GEMM for many)
@@ -14,7 +14,7 @@ over the rows, in threads (`prange`) when the work is large enough:
                       exactly, in float32 (`get_ops("cpu", exact=True)`)
   intmatmul.py        the same with integer activations and dot products:
                       the default, several times faster (`reference.linear_int`)
-  kv_storage.py       store_kv (float32, float16 or int8 caches)
+  kv_storage.py       store_kv (float32, float16 or int8 caches), rope_store (fused)
   paged_attention.py  attention (causal, paged, ragged batch, GQA)
   common.py           fast-math flags, serial and parallel drivers, index checks
 
@@ -40,5 +40,7 @@ class CpuOps(HostOps):
     rope = staticmethod(pointwise.rope)
     silu_mul = staticmethod(pointwise.silu_mul)
     add = staticmethod(pointwise.add)
+    add_rmsnorm = staticmethod(pointwise.add_rmsnorm)
     store_kv = staticmethod(kv_storage.store_kv)
+    rope_store = staticmethod(kv_storage.rope_store)
     attention = staticmethod(paged_attention.attention)

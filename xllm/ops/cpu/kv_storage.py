@@ -8,6 +8,10 @@ one token (a few hundred numbers), too little to start the threads for.
 
 Slots come from data, so the driver checks all of them before it writes
 anything: a bad slot raises a ValueError and leaves the caches untouched.
+
+`rope_store` is the fused step the forward pass takes from the stacked
+projection qkv to the cache (`Ops.rope_store`): split, rope of q and k, and
+the same `store_head` per kv head, in one call instead of four.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from numba import prange
 
 from .. import checks
 from . import common
-from .bodies import kv_format
+from .bodies import kv_format, rows
 from .common import first_out_of_range, serial_and_parallel
 
 
@@ -56,3 +60,51 @@ def store_kv(k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndar
     bad = run(k, v, kc, vc, k_scale, v_scale, slot_mapping)
     if bad >= 0:
         raise checks.index_error(checks.BAD_SLOT, bad, slot_mapping[bad], k_cache.shape[0])
+
+
+# ---------------------------------------------------------------- rope_store: the step from qkv to the cache
+
+def _rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, k_scale, v_scale, slot_mapping, q_out, k_out):
+    """q_out = rope(q), k_out = rope(k), then the cache slots of each row get k_out
+    and v; returns (bad position row, bad slot row), -1 when fine (nothing done otherwise)."""
+    bad_position = first_out_of_range(positions, cos.shape[0])
+    bad_slot = first_out_of_range(slot_mapping, k_cache.shape[0])
+    if bad_position < 0 and bad_slot < 0:
+        for t in prange(q.shape[0]):
+            pos = positions[t]
+            for h in range(q.shape[1]):
+                rows.rope_head(q, cos, sin, pos, q_out, t, h, 0, 1)
+            slot = slot_mapping[t]
+            for h in range(k.shape[1]):
+                rows.rope_head(k, cos, sin, pos, k_out, t, h, 0, 1)
+                kv_format.store_head(k_out, t, h, k_cache, k_scale, slot)
+                kv_format.store_head(v, t, h, v_cache, v_scale, slot)
+    return bad_position, bad_slot
+
+
+# Without fast-math, as rope and store_kv.
+_rope_store_serial, _rope_store_parallel = serial_and_parallel(_rope_store)
+
+
+def rope_store(qkv: np.ndarray, n_heads: int, n_kv_heads: int, head_dim: int, positions: np.ndarray,
+               cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+               slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
+               v_scale: np.ndarray | None = None) -> np.ndarray:
+    """`Ops.rope_store` in one pass over the rows: split_qkv, rope of q and k, store_kv.  -> new q [T, H, hd]."""
+    checks.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
+    T, q_end, k_end = qkv.shape[0], n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
+    q = qkv[:, :q_end].reshape(T, n_heads, head_dim)          # views of qkv's columns
+    k = qkv[:, q_end:k_end].reshape(T, n_kv_heads, head_dim)
+    v = qkv[:, k_end:].reshape(T, n_kv_heads, head_dim)
+    checks.rope(q, positions, cos, sin)
+    checks.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    kc, vc = checks.kv_caches("rope_store", k_cache, v_cache, k_scale, v_scale)
+    q_out = common.empty(q.shape, np.float32)
+    k_out = np.empty(k.shape, np.float32)
+    run = _rope_store_parallel if qkv.size >= common.PARALLEL_MIN_ELEMENTS else _rope_store_serial
+    bad_position, bad_slot = run(q, k, v, positions, cos, sin, kc, vc, k_scale, v_scale, slot_mapping, q_out, k_out)
+    if bad_position >= 0:
+        raise checks.index_error(checks.BAD_POSITION, bad_position, positions[bad_position], cos.shape[0])
+    if bad_slot >= 0:
+        raise checks.index_error(checks.BAD_SLOT, bad_slot, slot_mapping[bad_slot], k_cache.shape[0])
+    return q_out

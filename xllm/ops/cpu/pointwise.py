@@ -1,4 +1,4 @@
-"""Row-wise operators on the CPU: rmsnorm, rope, silu_mul and add.
+"""Row-wise operators on the CPU: rmsnorm, rope, silu_mul, add, and add_rmsnorm.
 
 The math of each is a body of xllm/ops/kernels/rows.py; the drivers below
 hand out the rows (elements, for add) in a `prange` loop. Each driver is
@@ -114,3 +114,29 @@ def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     run = _add_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _add_serial
     run(x.reshape(-1), y.reshape(-1), out.reshape(-1))
     return out
+
+
+# ---------------------------------------------------------------- add_rmsnorm
+
+def _add_rmsnorm(x, y, w, eps, s, out):
+    for t in prange(x.shape[0]):
+        for d in range(x.shape[1]):
+            rows.add(x[t], y[t], s[t], d)
+        inv_rms = rows.rmsnorm_inv_rms(rows.rmsnorm_sum_squares(s, t, 0, 1), s.shape[1], eps)
+        rows.rmsnorm_scale(s, w, inv_rms, out, t, 0, 1)
+
+
+# Fast-math as `_rmsnorm` (for the sum of squares); a lone addition has nothing
+# to reassociate or contract with, so s has the bits of `add`.
+_add_rmsnorm_serial, _add_rmsnorm_parallel = serial_and_parallel(_add_rmsnorm, fastmath=FAST)
+
+
+def add_rmsnorm(x: np.ndarray, y: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(s, rmsnorm(s, w, eps)) with s = x + y, in one pass over the rows.  x, y [T, D], w [D]."""
+    checks.add(x, y)
+    checks.rmsnorm(x, w)
+    s = common.empty(x.shape, np.float32)
+    out = common.empty(x.shape, np.float32)
+    run = _add_rmsnorm_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _add_rmsnorm_serial
+    run(x, y, w, float(eps), s, out)
+    return s, out

@@ -1,0 +1,113 @@
+"""The CPU's fused operators against the compositions they replace.
+
+`Ops.add_rmsnorm` and `Ops.rope_store` are written once in
+xllm/ops/interface.py as compositions of the other operators (every device
+but the CPU runs those); the CPU replaces each with one kernel. The kernel
+must give what the composition gives on the same device, and refuse bad
+input the same way, writing nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.ops_helpers import assert_close
+from xllm.ops import get_ops
+from xllm.ops.interface import Ops
+from xllm.ops.reference import quantize_kv_int8
+
+cpu = get_ops("cpu")
+DTYPES = ["fp32", "fp16", "int8"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.sampled_from([0, 1, 3, 70]), D=st.integers(1, 600), seed=st.integers(0, 2**32 - 1))
+def test_add_rmsnorm_is_add_then_rmsnorm(T, D, seed):
+    """T = 70 at D >= 469 takes the threaded kernel (common.PARALLEL_MIN_ELEMENTS)."""
+    rng = np.random.default_rng(seed)
+    x, y = (rng.standard_normal((T, D)) * 3).astype(np.float32), rng.standard_normal((T, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    s, h = cpu.add_rmsnorm(x, y, w, 1e-5)
+    s_ref, h_ref = Ops.add_rmsnorm(get_ops("reference"), x, y, w, 1e-5)
+    np.testing.assert_array_equal(s, s_ref)                  # one float32 addition each
+    assert_close(h, h_ref, rtol=1e-6, scale=float(np.abs(h_ref).max(initial=1.0)))
+
+
+def test_add_rmsnorm_rejects_mismatched_shapes():
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="add: shapes differ"):
+        cpu.add_rmsnorm(x, np.zeros((2, 7), np.float32), np.ones(8, np.float32), 1e-5)
+    with pytest.raises(ValueError, match="rmsnorm: need"):
+        cpu.add_rmsnorm(x, x, np.ones(7, np.float32), 1e-5)
+
+
+def caches(kv_dtype: str, S: int, Hkv: int, hd: int):
+    """(k_cache, v_cache, k_scale, v_scale) filled with sentinels, as the KV cache stores kv_dtype."""
+    dtype = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[kv_dtype]
+    k, v = np.full((S, Hkv, hd), 7, dtype), np.full((S, Hkv, hd), -7, dtype)
+    if kv_dtype != "int8":
+        return [k, v, None, None]
+    return [k, v, np.full((S, Hkv), 3.0, np.float32), np.full((S, Hkv), 5.0, np.float32)]
+
+
+def copies(arrays):
+    return [None if a is None else a.copy() for a in arrays]
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("T, H, Hkv, hd", [(1, 9, 3, 64), (5, 4, 2, 16), (300, 4, 4, 32)])
+def test_rope_store_is_split_rope_and_store(kv_dtype, T, H, Hkv, hd):
+    """Bit for bit the composition on the CPU: the rotated q, and every cache array
+    (T = 300 takes the threaded kernel)."""
+    rng = np.random.default_rng(T + H + hd)
+    S, P = T + 7, T + 40
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * hd)).astype(np.float32)
+    positions = rng.integers(0, P, T).astype(np.int32)
+    slots = rng.permutation(S)[:T].astype(np.int32)
+    cos, sin = cpu.rope_tables(10000.0, hd, P)
+    fused, composed = caches(kv_dtype, S, Hkv, hd), caches(kv_dtype, S, Hkv, hd)
+    q = cpu.rope_store(qkv, H, Hkv, hd, positions, cos, sin, fused[0], fused[1], slots, *fused[2:])
+    q_ref = Ops.rope_store(cpu, qkv, H, Hkv, hd, positions, cos, sin, composed[0], composed[1], slots, *composed[2:])
+    np.testing.assert_array_equal(q, q_ref)
+    for a, b in zip(fused, composed):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_rope_store_refuses_a_bad_position_or_slot_and_writes_nothing(kv_dtype):
+    rng = np.random.default_rng(3)
+    T, H, Hkv, hd, S, P = 4, 4, 2, 8, 6, 10
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * hd)).astype(np.float32)
+    cos, sin = cpu.rope_tables(10000.0, hd, P)
+    good_positions, good_slots = np.arange(T, dtype=np.int32), np.arange(T, dtype=np.int32)
+    for positions, slots, message in [(np.array([0, 1, P, 2], np.int32), good_slots, "position"),
+                                      (good_positions, np.array([0, 1, 2, S], np.int32), "slot")]:
+        c = caches(kv_dtype, S, Hkv, hd)
+        before = copies(c)
+        with pytest.raises(ValueError, match=message):
+            cpu.rope_store(qkv, H, Hkv, hd, positions, cos, sin, c[0], c[1], slots, *c[2:])
+        for a, b in zip(c, before):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="split_qkv"):
+        cpu.rope_store(qkv[:, 1:], H, Hkv, hd, good_positions, cos, sin, *caches(kv_dtype, S, Hkv, hd)[:2], good_slots)
+
+
+def test_rope_store_int8_cache_holds_what_the_reference_quantizer_gives():
+    """The int8 cache after rope_store: each key head quantized with its own scale, as the reference does."""
+    rng = np.random.default_rng(4)
+    T, H, Hkv, hd = 3, 2, 1, 16
+    qkv = rng.standard_normal((T, (H + 2 * Hkv) * hd)).astype(np.float32)
+    positions, slots = np.array([0, 5, 9], np.int32), np.array([2, 0, 1], np.int32)
+    cos, sin = cpu.rope_tables(10000.0, hd, 16)
+    c = caches("int8", 3, Hkv, hd)
+    cpu.rope_store(qkv, H, Hkv, hd, positions, cos, sin, c[0], c[1], slots, *c[2:])
+    ref = get_ops("reference")
+    k = ref.rope(qkv[:, H * hd:(H + Hkv) * hd].reshape(T, Hkv, hd), positions, cos, sin)
+    kq, ks = quantize_kv_int8(k)
+    np.testing.assert_array_equal(c[0][slots], kq)
+    np.testing.assert_array_equal(c[2][slots], ks)
