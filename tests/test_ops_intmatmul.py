@@ -58,8 +58,7 @@ def block_of(fmt: str, K: int) -> int:
 
 
 def quantize_on_cpu(x: np.ndarray, block: int, bits: int):
-    return intmatmul._quantized(x, x.shape[1] // block, np.float32(2 ** (bits - 1) - 1),
-                                np.empty(0, np.int8 if bits == 8 else np.int16))
+    return intmatmul._quantized(x, x.shape[1] // block, bits)
 
 
 def int_error_scale(x: np.ndarray, w: QuantWeight) -> float:

@@ -6,11 +6,11 @@ xllm/ops/kernels/qdot.py. This is the CPU's default for those formats
 (`get_ops("cpu")`); `get_ops("cpu", exact=True)` multiplies in float32
 instead (qmatmul.py).
 
-Each call (one numba call) does two passes:
+Each call does two passes:
 
-  1. quantize every token's x once, on one thread: integer blocks, their
-     scales and sums (`qdot.quantize_row`; int16 per 32 values for the GGUF
-     formats, int8 per row for w8a8, as `reference.linear_int` says and explains);
+  1. quantize every token's x once: integer blocks, their scales and sums
+     (`qdot.quantize_row`; int16 per 32 values for the GGUF formats, int8
+     per row for w8a8, as `reference.linear_int` says and explains);
   2. threads take groups of four weight rows (`qblock.group4`) and compute
      their dot products with every token, one token after the other.
 
@@ -39,7 +39,8 @@ int16 activations the two paths agree to within float rounding
 says (activations quantized too), although the float GEMM is faster from
 about 16 tokens on (int over float time 0.7 at 8 tokens, 0.9-1.1 at 16,
 1.23 at 32): its blocks are whole rows, so its sums stay integer until the
-end (`simd.idot32_i8`).
+end (`simd.idot32_i8`), and it takes tokens two at a time (`_w8a8_pair`),
+so that each row's widened weights serve two tokens.
 
 q4_0 and q4_1 share a kernel as in qmatmul.py: value = d q + o c, so a
 block adds xd (d * sum qx qw + o c * sum qx); the first sum is the SIMD
@@ -55,9 +56,8 @@ from numba.core import config
 
 from .. import checks
 from ..reference import ACTIVATION_BITS
-from . import qmatmul, simd
+from . import common, qmatmul, simd
 from .bodies import qblock, qdot
-from . import common
 from .common import FAST
 
 f32 = np.float32
@@ -94,6 +94,31 @@ def _simd_idot4_q8(xq, xd, qs, d, n0, n1, n2, n3, b0, step):
 
 
 @numba.njit(inline="always", fastmath=FAST)
+def _w8a8_pair(xq, xd, t, qs, d, n0, n1, n2, n3, out):
+    """out[t : t+2, n] for the rows n0..n3 of a w8a8 matrix: two tokens share
+    each load of the weights (the two `idot32_i8` of a row read the same 32
+    bytes, which LLVM loads and widens once). Every number is computed as
+    `_simd_idot4_q8` computes it for one token, so the bits are the same."""
+    bs = qs.shape[2]                                 # w8a8: one block, the whole row
+    N = qs.shape[0]
+    i0 = simd.zeros_i32(); i1 = simd.zeros_i32(); i2 = simd.zeros_i32(); i3 = simd.zeros_i32()
+    j0 = simd.zeros_i32(); j1 = simd.zeros_i32(); j2 = simd.zeros_i32(); j3 = simd.zeros_i32()
+    for c in range(0, bs, 32):
+        x_at, y_at = t * bs + c, (t + 1) * bs + c     # xq [T, 1, bs], flat
+        i0 = simd.idot32_i8(i0, xq, x_at, qs, n0 * bs + c); j0 = simd.idot32_i8(j0, xq, y_at, qs, n0 * bs + c)
+        i1 = simd.idot32_i8(i1, xq, x_at, qs, n1 * bs + c); j1 = simd.idot32_i8(j1, xq, y_at, qs, n1 * bs + c)
+        i2 = simd.idot32_i8(i2, xq, x_at, qs, n2 * bs + c); j2 = simd.idot32_i8(j2, xq, y_at, qs, n2 * bs + c)
+        i3 = simd.idot32_i8(i3, xq, x_at, qs, n3 * bs + c); j3 = simd.idot32_i8(j3, xq, y_at, qs, n3 * bs + c)
+    for u, a, b, e, g in ((0, i0, i1, i2, i3), (1, j0, j1, j2, j3)):
+        xdb = xd[t + u, 0]
+        qblock.store4(out, t + u, N, n0, n1, n2, n3,
+                      simd.hsum(simd.add_scaled(simd.zeros(), a, d[n0, 0] * xdb)),
+                      simd.hsum(simd.add_scaled(simd.zeros(), b, d[n1, 0] * xdb)),
+                      simd.hsum(simd.add_scaled(simd.zeros(), e, d[n2, 0] * xdb)),
+                      simd.hsum(simd.add_scaled(simd.zeros(), g, d[n3, 0] * xdb)))
+
+
+@numba.njit(inline="always", fastmath=FAST)
 def _simd_idot4_q4(xq, xd, xsum, qs, d, o, c, n0, n1, n2, n3, b0, step):
     """`qdot.idot4_q4` (every block) with 16-lane accumulators for the integer part."""
     nb = qs.shape[1]
@@ -114,50 +139,52 @@ def _simd_idot4_q4(xq, xd, xsum, qs, d, o, c, n0, n1, n2, n3, b0, step):
 # Without numba the SIMD operations do not exist: step through the plain bodies instead.
 _idot4_q8 = qdot.idot4_q8 if config.DISABLE_JIT else _simd_idot4_q8
 _idot4_q4 = qdot.idot4_q4 if config.DISABLE_JIT else _simd_idot4_q4
+_PAIRS = not config.DISABLE_JIT
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def _quantize(x, qmax, xq, xd, xsum):
     """Every token of x [T, K] as integer blocks (`qdot.quantize_row`; xq [T, nb, bs] int8 or int16).
 
-    Without fast-math, so that every float operation is the specification's.
-    One thread: the kernels below call it before their threads start, on the
-    few tokens (at most INT_MAX_TOKENS, except w8a8) that take this path.
+    Without fast-math, so that every float operation is the specification's,
+    and called from the wrappers, not from inside the kernels: numba compiled
+    it with the calling kernel's fast-math flags there, and LLVM turned
+    max|x| / qmax into max|x| * (1 / qmax), one unit in the last place off
+    the specification's scale (tests/test_ops_intmatmul.py checks every bit).
     """
-    for t in range(x.shape[0]):
+    for t in prange(x.shape[0]):
         qdot.quantize_row(x[t], qmax, xq[t], xd[t], xsum[t], 0, 1)
 
 
-@numba.njit(cache=True)
-def _quantized(x, nb, qmax, xq_like):
-    """(xq, xd, xsum) of x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it,
-    plus the blocks' sums: xq [T, nb, K/nb] of xq_like's type (int8 or int16), xd float32 [T, nb],
-    xsum int32 [T, nb]."""
+def _quantized(x: np.ndarray, nb: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it, plus the blocks' sums:
+    (xq int8 or int16 [T, nb, K/nb], xd float32 [T, nb], xsum int32 [T, nb])."""
     T, K = x.shape
-    xq = np.empty((T, nb, K // nb), xq_like.dtype)
+    xq = np.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
     xd = np.empty((T, nb), np.float32)
     xsum = np.empty((T, nb), np.int32)
-    _quantize(x, qmax, xq, xd, xsum)
+    _quantize(x, np.float32(2 ** (bits - 1) - 1), xq, xd, xsum)
     return xq, xd, xsum
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
-def _linear_i8(x, qmax, xq_like, qs, d, out):
-    """out[t, n] = x[t] . w[n] for a q8_0 or w8a8 matrix (qs int8 [N, nb, bs]), x quantized first."""
-    xq, xd, _ = _quantized(x, qs.shape[1], qmax, xq_like)
-    N = qs.shape[0]
+def _linear_i8(xq, xd, qs, d, out):
+    """out[t, n] = x[t] . w[n] for a q8_0 or w8a8 matrix (qs int8 [N, nb, bs]), x quantized."""
+    N, T = qs.shape[0], xq.shape[0]
     Q = (N + 3) // 4
+    pairs = T // 2 if _PAIRS and qs.shape[2] != 32 else 0     # w8a8, compiled: tokens two by two
     for g in prange(Q):
         n0, n1, n2, n3 = qblock.group4(g, Q, N)
-        for t in range(xq.shape[0]):
+        for p in range(pairs):
+            _w8a8_pair(xq, xd, 2 * p, qs, d, n0, n1, n2, n3, out)
+        for t in range(2 * pairs, T):
             a0, a1, a2, a3 = _idot4_q8(xq[t], xd[t], qs, d, n0, n1, n2, n3, 0, 1)
             qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
-def _linear_i4(x, qmax, xq_like, qs, d, o, c, out):
-    """out[t, n] = x[t] . w[n] for a q4_0 (o = d, c = -8) or q4_1 (o = m, c = 1) matrix, x quantized first."""
-    xq, xd, xsum = _quantized(x, qs.shape[1], qmax, xq_like)
+def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
+    """out[t, n] = x[t] . w[n] for a q4_0 (o = d, c = -8) or q4_1 (o = m, c = 1) matrix, x quantized."""
     N = qs.shape[0]
     Q = (N + 3) // 4
     for g in prange(Q):
@@ -165,15 +192,6 @@ def _linear_i4(x, qmax, xq_like, qs, d, o, c, out):
         for t in range(xq.shape[0]):
             a0, a1, a2, a3 = _idot4_q4(xq[t], xd[t], xsum[t], qs, d, o, c, n0, n1, n2, n3, 0, 1)
             qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
-
-
-def _activation_type(fmt: str) -> tuple[np.float32, np.ndarray]:
-    """(qmax, an empty array of the integer type) of the activations for weights of `fmt`."""
-    bits = ACTIVATION_BITS[fmt]
-    return np.float32(2 ** (bits - 1) - 1), _EMPTY[bits]
-
-
-_EMPTY = {8: np.empty(0, np.int8), 16: np.empty(0, np.int16)}
 
 
 # Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
@@ -187,7 +205,8 @@ def linear_i8(x: np.ndarray, w) -> np.ndarray:
     qs, d = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        _linear_i8(x, *_activation_type(w.format), qs, d, out)
+        xq, xd, _ = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
+        _linear_i8(xq, xd, qs, d, out)
     return out
 
 
@@ -198,7 +217,8 @@ def linear_i4(x: np.ndarray, w) -> np.ndarray:
     qs, d, o, c = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        _linear_i4(x, *_activation_type(w.format), qs, d, o, c, out)
+        xq, xd, xsum = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
+        _linear_i4(xq, xd, xsum, qs, d, o, c, out)
     return out
 
 
