@@ -226,7 +226,7 @@ class ActivationPeak:
     per_logit_row: Poly            # floats per logit row (R) at the peak
 
 
-_FORWARD_ORDER = ["x", "h", "qkv", "q", "k", "v", "attn", "o", "gate_up", "silu", "down", "rows", "logits"]
+_FORWARD_ORDER = ["x", "h", "qkv", "q", "k_rot", "attn", "o", "gate_up", "silu", "down", "rows", "logits"]
 
 
 class _Frame:
@@ -263,41 +263,44 @@ class _Frame:
 def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype: str = "fp32") -> ActivationPeak:
     """Peak live activation bytes of `Llama.forward` for `tokens` rows, `logit_rows` of them projected to logits.
 
-    Replays xllm/model.py line by line (each operator returns a new array;
-    split_qkv copies the columns of qkv into q, k and v, and qkv, which no
-    name holds, is freed as soon as they exist). For Llama-2-7B in prefill
-    the peak is at silu_mul, where x, h, q, k, v, attn, gate_up and its silu
-    output are alive: T(6h1+3h2) floats. In decode the logits often
-    dominate: T(6h1) + R(h1+v) with the gathered rows.
+    Replays xllm/model.py line by line as the CPU runs it (each operator
+    returns a new array; an argument that no name holds, such as qkv, is
+    freed when the call returns; `rope_store` rotates k into a temporary
+    before storing it). For Llama-2-7B in prefill the peak is at silu_mul,
+    where x, h, q, attn, gate_up and its silu output are alive: T(4h1+3h2)
+    floats. In decode the logits often dominate: T(4h1) + R(h1+v) with the
+    gathered rows.
     """
     f = _Frame({**_symbols(config), "T": ("T", tokens), "R": ("R", logit_rows)}, _width(act_dtype))
-    h1, qkv = {("h1",): 1}, {("hq",): 1, ("hkv",): 2}
+    h1, hq, hkv = {("h1",): 1}, {("hq",): 1}, {("hkv",): 1}
     f.assign("x", "x = embedding(tokens)", h1)
+    f.assign("h", "h = rmsnorm(x)", h1)
     for _ in range(config.n_layers):
-        f.assign("h", "h = rmsnorm(x)", h1)
-        f.new("qkv", "linear(h, wqkv)", qkv)
-        for name, rows in (("q", {("hq",): 1}), ("k", {("hkv",): 1}), ("v", {("hkv",): 1})):
-            f.new(name + "'", "q, k, v = split_qkv(qkv)", rows)      # copies, made before the names rebind
-        for name in ("q", "k", "v"):
-            f.rebind(name)
+        f.new("qkv", "linear(h, wqkv)", {("hq",): 1, ("hkv",): 2})
+        f.new("q'", "q = rope_store(qkv, cache)", hq)
+        f.new("k_rot", "rope_store: rotated k, then stored", hkv)
+        f.drop("k_rot")
         f.drop("qkv")
-        f.assign("q", "q = rope(q)", {("hq",): 1})
-        f.assign("k", "k = rope(k)", {("hkv",): 1})
-        f.assign("attn", "attn = attention(q, cache)", {("hq",): 1})
+        f.rebind("q")
+        f.assign("attn", "attn = attention(q, cache)", hq)
         f.new("o", "linear(attn, wo)", h1)
-        f.assign("x", "x = add(x, o)", h1)
+        f.new("x'", "x, h = add_rmsnorm(x, o)", h1)
+        f.new("h'", "x, h = add_rmsnorm(x, o)", h1)
         f.drop("o")
-        f.assign("h", "h = rmsnorm(x)", h1)
+        f.rebind("x")
+        f.rebind("h")
         f.new("gate_up", "linear(h, w_gate_up)", {("h2",): 2})
         f.new("silu", "silu_mul(gate_up)", {("h2",): 1})
         f.drop("gate_up")
         f.new("down", "linear(silu, w_down)", h1)
         f.drop("silu")
-        f.assign("x", "x = add(x, down)", h1)
+        f.new("x'", "x, h = add_rmsnorm(x, down)", h1)
+        f.new("h'", "x, h = add_rmsnorm(x, down)", h1)
         f.drop("down")
-    f.assign("x", "x = rmsnorm(x)", h1)
-    f.new("rows", "x[logit_rows]", {}, h1)
-    f.new("logits", "logits = linear(x[rows], output)", {}, {("v",): 1})
+        f.rebind("x")
+        f.rebind("h")
+    f.new("rows", "h[logit_rows]", {}, h1)
+    f.new("logits", "logits = linear(h[rows], output)", {}, {("v",): 1})
     return f.peak
 
 
