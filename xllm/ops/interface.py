@@ -211,7 +211,7 @@ class HostOps(Ops):
         if isinstance(w, QuantWeight) or (w.dtype == np.float16 and w.ndim == 2 and not f32):
             return w
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if w.ndim == 2 and w.ctypes.data % ALIGN:      # a float32 matrix: the GEMM's tiles load its rows
+        if w.ndim == 2 and w.nbytes >= ALIGN_FROM and w.ctypes.data % ALIGN:   # the GEMM's tiles load its rows
             w = _copy_to(aligned_array(np.empty, w.shape, w.dtype), w)
         return w
 
@@ -242,7 +242,8 @@ def aligned_array(make, shape, dtype) -> np.ndarray:
     microseconds a call, more than a decode step's kernels lose to split loads.
     """
     dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize if isinstance(shape, tuple) else int(shape) * dtype.itemsize
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < ALIGN_FROM:
         return make(shape, dtype)
     buf = make(nbytes + ALIGN, np.uint8)

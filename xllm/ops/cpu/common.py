@@ -28,7 +28,7 @@ import types
 import numba
 import numpy as np
 
-from ..interface import aligned_array
+from ..interface import ALIGN, aligned_array
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -67,9 +67,6 @@ def first_out_of_range(idx, limit):
         if idx[i] < 0 or idx[i] >= limit:
             return i
     return -1
-
-
-ALIGN = 64     # bytes: one cache line, one AVX-512 register
 
 
 def empty(shape, dtype=np.float32) -> np.ndarray:

@@ -44,9 +44,8 @@ from numba import prange
 from numba.core import config
 
 from .. import checks
-from . import simd
+from . import common, simd
 from .bodies import f16, qblock
-from . import common
 from .common import FAST, aligned_rows
 
 ROWS_PER_BLOCK = 48     # weight rows per work item of _gemm (a multiple of 3)

@@ -47,9 +47,8 @@ from numba import prange
 from numba.core import config
 
 from .. import checks
-from . import simd
+from . import common, simd
 from .bodies import attend
-from . import common
 from .common import FAST, aligned_rows
 
 f32 = np.float32
@@ -149,8 +148,9 @@ def _block(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, firs
 @numba.njit(cache=True, fastmath=FAST)
 def _block_simd(qs, R, group, t0, positions, k_cache, v_cache, k_scale, v_scale, first_slot, blk, block_size,
                 kvh, scores, n, m_blk, l_blk, acc_blk):
-    """`_block` in 16-lane SIMD steps: the same partial, for head_dim a multiple of 64,
-    block_size a multiple of 4 and C-contiguous caches (`_simd_applies`).
+    """`_block` in 16-lane SIMD steps, for head_dim a multiple of 64, block_size a
+    multiple of 4 and C-contiguous caches (`_simd_applies`): the same partial up to
+    rounding (its sums run in another order).
 
     Scores: four keys at a time, each query's four dot products are summed
     in 16 lanes over head_dim and then across the lanes together

@@ -83,8 +83,8 @@ import numpy as np
 from numba import prange
 
 from .. import checks
-from .bodies import qblock
 from . import common
+from .bodies import qblock
 from .common import FAST, aligned_rows
 from .matmul import _gemm_block, scratch_jobs
 
