@@ -246,6 +246,15 @@ def _any_block(use_simd, qs, R, group, t0, positions, k_cache, v_cache, k_scale,
                kvh, row, scores, n, m_blk, l_blk, acc_blk)
 
 
+@numba.njit(inline="always")
+def _block_scratch(R_max, hd, block_size):
+    """One worker's scratch for `_any_block`: (qs, row, scores, n, m_blk, l_blk, acc_blk),
+    for tiles of up to R_max (row, query head) pairs; qs and acc_blk start on a cache line."""
+    return (aligned_rows(R_max, hd), np.empty((1, hd), np.float32), np.empty((R_max, block_size), np.float32),
+            np.empty(R_max, np.int64), np.empty(R_max, np.float32), np.empty(R_max, np.float32),
+            aligned_rows(R_max, hd))
+
+
 def _simd_applies(k_cache: np.ndarray, v_cache: np.ndarray, block_size: int) -> bool:
     """`_block_simd` needs compiled code (not NUMBA_DISABLE_JIT), head_dim a multiple of 64
     (64 and 128 are usual), block_size a multiple of 4 and C-contiguous caches."""
@@ -266,16 +275,10 @@ def _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
     scale32 = np.float32(scale)            # keeps the score arithmetic in float32
     n_items = tiles.shape[0] * Hkv
     for w in prange(n_workers):
-        qs = aligned_rows(R_max, hd)
+        qs, row, scores, n, m_blk, l_blk, acc_blk = _block_scratch(R_max, hd, block_size)
         acc = np.empty((R_max, hd), np.float32)          # the running state of each (row, head)
         m = np.empty(R_max, np.float32)
         l = np.empty(R_max, np.float32)
-        row = np.empty((1, hd), np.float32)
-        scores = np.empty((R_max, block_size), np.float32)
-        n = np.empty(R_max, np.int64)
-        m_blk = np.empty(R_max, np.float32)
-        l_blk = np.empty(R_max, np.float32)
-        acc_blk = aligned_rows(R_max, hd)
         for item in range(w, n_items, n_workers):
             tile, kvh = item // Hkv, item % Hkv
             b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
@@ -317,13 +320,7 @@ def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
     part_l = np.empty(T * H * most_blocks, np.float32)
     n_items = tiles.shape[0] * Hkv * most_blocks
     for w in prange(n_workers):
-        qs = aligned_rows(R_max, hd)
-        row = np.empty((1, hd), np.float32)
-        scores = np.empty((R_max, block_size), np.float32)
-        n = np.empty(R_max, np.int64)
-        m_blk = np.empty(R_max, np.float32)
-        l_blk = np.empty(R_max, np.float32)
-        acc_blk = aligned_rows(R_max, hd)
+        qs, row, scores, n, m_blk, l_blk, acc_blk = _block_scratch(R_max, hd, block_size)
         for item in range(w, n_items, n_workers):
             tile, kvh, blk = item // (Hkv * most_blocks), item // most_blocks % Hkv, item % most_blocks
             b, t0, t1 = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2]
