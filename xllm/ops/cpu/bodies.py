@@ -63,6 +63,10 @@ class _BodiesAwareLocator(caching._CacheLocator):
     def get_disambiguator(self):
         return self._inner.get_disambiguator()
 
+    @property
+    def _py_file(self):         # numba's "cannot cache" warning names the file
+        return self._inner._py_file
+
     @classmethod
     def from_function(cls, py_func, py_file):
         if not py_func.__module__.startswith(__package__ + "."):

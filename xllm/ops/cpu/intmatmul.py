@@ -6,11 +6,14 @@ xllm/ops/kernels/qdot.py. This is the CPU's default for those formats
 (`get_ops("cpu")`); `get_ops("cpu", exact=True)` multiplies in float32
 instead (qmatmul.py).
 
-Each call does two passes:
+Each call does two passes, in one compiled call from Python (`_run_i8`,
+`_run_i4`: a decode step's linear costs a few microseconds beyond its work,
+and each call from Python and each start of the threads is one of them):
 
   1. quantize every token's x once: integer blocks, their scales and sums
      (`qdot.quantize_row`; int16 per 32 values for the GGUF formats, int8
-     per row for w8a8, as `reference.linear_int` says and explains);
+     per row for w8a8, as `reference.linear_int` says and explains), on the
+     calling thread for fewer than QUANTIZE_PARALLEL_ROWS tokens;
   2. threads take groups of four weight rows (`qblock.group4`) and compute
      their dot products with every token, one token after the other.
 
@@ -146,9 +149,10 @@ _PAIRS = not config.DISABLE_JIT
 def _quantize(x, qmax, xq, xd, xsum):
     """Every token of x [T, K] as integer blocks (`qdot.quantize_row`; xq [T, nb, bs] int8 or int16).
 
-    Without fast-math, so that every float operation is the specification's,
-    and called from the wrappers, not from inside the kernels: numba compiled
-    it with the calling kernel's fast-math flags there, and LLVM turned
+    Without fast-math, so that every float operation is the specification's.
+    It runs from `_quantized_as` and `_run_i8` / `_run_i4`, which have no
+    fast-math flags either: numba compiles a function with its caller's flags
+    unless it sets its own, and from inside the fast-math kernels LLVM turned
     max|x| / qmax into max|x| * (1 / qmax), one unit in the last place off
     the specification's scale (tests/test_ops_intmatmul.py checks every bit).
     """
@@ -156,15 +160,32 @@ def _quantize(x, qmax, xq, xd, xsum):
         qdot.quantize_row(x[t], qmax, xq[t], xd[t], xsum[t], 0, 1)
 
 
+QUANTIZE_PARALLEL_ROWS = 8      # fewer tokens are quantized on the calling thread
+
+
+@numba.njit(cache=True)
+def _quantized_as(x, nb, qmax, like):
+    """x [T, K] as (xq [T, nb, K/nb] of like's integer dtype, xd float32 [T, nb], xsum int32 [T, nb])."""
+    T = x.shape[0]
+    xq = np.empty((T, nb, x.shape[1] // max(nb, 1)), like.dtype)
+    xd = np.empty((T, nb), np.float32)
+    xsum = np.empty((T, nb), np.int32)
+    if T < QUANTIZE_PARALLEL_ROWS:        # a decode step: not worth waking the threads
+        for t in range(T):
+            qdot.quantize_row(x[t], qmax, xq[t], xd[t], xsum[t], 0, 1)
+    else:
+        _quantize(x, qmax, xq, xd, xsum)
+    return xq, xd, xsum
+
+
+_LIKE = {8: np.zeros(0, np.int8), 16: np.zeros(0, np.int16)}    # the dtype of xq, for numba's typing
+_QMAX = {8: np.float32(127), 16: np.float32(32767)}
+
+
 def _quantized(x: np.ndarray, nb: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [T, K] as `reference.quantize_activations(x, K / nb, bits)` gives it, plus the blocks' sums:
     (xq int8 or int16 [T, nb, K/nb], xd float32 [T, nb], xsum int32 [T, nb])."""
-    T, K = x.shape
-    xq = np.empty((T, nb, K // nb), np.int8 if bits == 8 else np.int16)
-    xd = np.empty((T, nb), np.float32)
-    xsum = np.empty((T, nb), np.int32)
-    _quantize(x, np.float32(2 ** (bits - 1) - 1), xq, xd, xsum)
-    return xq, xd, xsum
+    return _quantized_as(x, nb, _QMAX[bits], _LIKE[bits])
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
@@ -194,6 +215,20 @@ def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
             qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
 
 
+@numba.njit(cache=True)
+def _run_i8(x, qs, d, qmax, like, out):
+    """Quantize x, then `_linear_i8` into out: one call from Python (no fast-math here, see `_quantize`)."""
+    xq, xd, _ = _quantized_as(x, qs.shape[1], qmax, like)
+    _linear_i8(xq, xd, qs, d, out)
+
+
+@numba.njit(cache=True)
+def _run_i4(x, qs, d, o, c, qmax, like, out):
+    """Quantize x, then `_linear_i4` into out."""
+    xq, xd, xsum = _quantized_as(x, qs.shape[1], qmax, like)
+    _linear_i4(xq, xd, xsum, qs, d, o, c, out)
+
+
 # Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
 INT_MAX_TOKENS = {"q8_0": 3, "q4_0": 3, "q4_1": 3}
 
@@ -205,8 +240,8 @@ def linear_i8(x: np.ndarray, w) -> np.ndarray:
     qs, d = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        xq, xd, _ = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
-        _linear_i8(xq, xd, qs, d, out)
+        bits = ACTIVATION_BITS[w.format]
+        _run_i8(x, qs, d, _QMAX[bits], _LIKE[bits], out)
     return out
 
 
@@ -217,8 +252,8 @@ def linear_i4(x: np.ndarray, w) -> np.ndarray:
     qs, d, o, c = checks.weight_arrays(w)
     out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
     if out.size and x.shape[1]:
-        xq, xd, xsum = _quantized(x, qs.shape[1], ACTIVATION_BITS[w.format])
-        _linear_i4(xq, xd, xsum, qs, d, o, c, out)
+        bits = ACTIVATION_BITS[w.format]
+        _run_i4(x, qs, d, o, c, _QMAX[bits], _LIKE[bits], out)
     return out
 
 

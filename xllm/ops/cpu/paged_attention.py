@@ -47,7 +47,7 @@ from numba import prange
 from numba.core import config
 
 from .. import checks
-from . import common, simd
+from . import simd
 from .bodies import attend
 from .common import FAST, aligned_rows
 
@@ -348,6 +348,24 @@ def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
         attend.finish(acc, 0, l, out, t, h, 0, 1)
 
 
+@numba.njit(cache=True)
+def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, cu_q, positions, scale, workers,
+            use_simd):
+    """Plan the batch (`_plan`), then run the driver that suits it on `workers` threads:
+    (out, code, where), out unwritten unless code is 0. One call from Python for the operator."""
+    T, H, hd = q.shape
+    tiles, code, where = _plan(T, k_cache.shape[0], block_table, block_size, cu_q, positions)
+    out = aligned_rows(T * H, hd).reshape((T, H, hd))
+    if code == 0:
+        if workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers:
+            _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
+                             scale, workers, use_simd, out)
+        else:
+            _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
+                             scale, workers, use_simd, out)
+    return out, code, where
+
+
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,
               block_size: int, cu_q: np.ndarray, positions: np.ndarray, scale: float,
               k_scale: np.ndarray | None = None, v_scale: np.ndarray | None = None) -> np.ndarray:
@@ -360,14 +378,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tab
     the softmax scale, usually head_dim ** -0.5).
     """
     checks.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions)
-    tiles, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
+    kc, vc = checks.kv_caches("attention", k_cache, v_cache, k_scale, v_scale)
+    out, code, where = _attend(q, kc, vc, k_scale, v_scale, block_table, block_size, cu_q, positions, scale,
+                               numba.get_num_threads(), _simd_applies(kc, vc, block_size))
     if code:
         raise checks.index_error(code, where)
-    kc, vc = checks.kv_caches("attention", k_cache, v_cache, k_scale, v_scale)
-    out = common.empty(q.shape, np.float32)
-    workers = numba.get_num_threads()
-    split = workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers
-    run = _attention_split if split else _attention_tiles
-    run(q, kc, vc, k_scale, v_scale, block_table, block_size, tiles, positions, scale, workers,
-        _simd_applies(kc, vc, block_size), out)
     return out
