@@ -8,10 +8,11 @@ SRC is any checkpoint xllm loads; its float values are what gets quantized
 
 w8a8   OUT is a Hugging Face directory in the compressed-tensors layout
        (vLLM's W8A8 int8): config.json with a `quantization_config`, and
-       model.safetensors where each layer matrix is `<name>.weight` (I8
-       [N, K]) plus `<name>.weight_scale` (F32 [N, 1]); the embeddings, the
-       norms and lm_head stay F32. Tokenizer files are copied from an HF
-       source, or written as tokenizer.xllm.json from a GGUF one.
+       model.safetensors where each linear layer, lm_head included, is
+       `<name>.weight` (I8 [N, K]) plus `<name>.weight_scale` (F32 [N, 1]);
+       the embeddings and the norms stay F32 (a tied model gets its own
+       lm_head, `tie_word_embeddings: false`). Tokenizer files are copied
+       from an HF source, or written as tokenizer.xllm.json from a GGUF one.
 q8_0   OUT is a GGUF file llama.cpp loads: every matrix in Q8_0 blocks
 fp16   (byte for byte what `gguf.quants.quantize` makes) or F16, the 1-D
        tensors F32, every metadata key of the source kept (general.file_type
@@ -70,11 +71,14 @@ def write_w8a8(src: Path, out: Path, options: QuantizeOptions) -> tuple[float, s
         if isinstance(w, QuantWeight):
             tensors[hf_name(name)] = w.qs
             tensors[hf_name(name) + SCALE_SUFFIX] = w.d
-        elif not (name == "output" and ck.config.tied_embeddings):
+        else:
             tensors[hf_name(name)] = w
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(ck, "F32")
-    config["quantization_config"] = quantization_config(ignore=["lm_head"])
+    # lm_head is quantized too, so a tied model's checkpoint gets its own lm_head (the int8
+    # copy of the table) and is no longer tied.
+    config["tie_word_embeddings"] = False
+    config["quantization_config"] = quantization_config(ignore=[])
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_safetensors(out / "model.safetensors", tensors, "F32")
     _write_tokenizer(src, ck, tok, out)

@@ -35,9 +35,9 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XLLM_CACHE", str(tmp_path / "cache"))
 
 
-def tiny_hf(path, seed=0):
+def tiny_hf(path, seed=0, tied=False):
     """The tiny random model written as a Hugging Face directory (float32 safetensors)."""
-    config = tiny_config()
+    config = tiny_config(tied_embeddings=tied)
     weights = tiny_weights(config, seed)
     export_hf(Checkpoint(config, weights, "hf"), path)
     return path
@@ -93,12 +93,18 @@ def test_w8a8_refuses_nan():
         quantize_w8a8(w)
 
 
-def test_quantize_weights_keeps_embeddings_float_for_w8a8():
-    config = tiny_config()
-    out = quantize_weights(config, tiny_weights(config), "w8a8")
+@pytest.mark.parametrize("tied", [False, True])
+def test_w8a8_quantizes_the_output_projection_and_keeps_the_table_float(tied):
+    config = tiny_config(tied_embeddings=tied)
+    weights = tiny_weights(config)
+    out = quantize_weights(config, weights, "w8a8")
     assert isinstance(out["layers.0.wq"], QuantWeight) and out["layers.0.wq"].format == "w8a8"
-    assert out["tok_embeddings"].dtype == np.float32 and out["output"].dtype == np.float32
-    assert out["layers.1.ffn_norm"].dtype == np.float32
+    assert out["tok_embeddings"].dtype == np.float32 and out["layers.1.ffn_norm"].dtype == np.float32
+    # a tied model's output projection becomes an int8 copy of its table
+    assert out["output"].format == "w8a8"
+    source = weights["tok_embeddings"] if tied else weights["output"]
+    assert np.array_equal(out["output"].qs, quantize_w8a8(source).qs)
+    assert prepare_weights(config, out)["output"] is out["output"]
     q8 = quantize_weights(config, tiny_weights(config), "q8_0")
     assert q8["tok_embeddings"].format == "q8_0" and q8["layers.1.w_down"].format == "q8_0"
 
@@ -133,30 +139,33 @@ def test_smoothing_factors_move_the_outlier_into_the_weights():
 
 # ---------------------------------------------------------------- convert/quantize.py round trips
 
-def test_convert_w8a8_round_trip_matches_quantize_at_load(tmp_path, capsys):
-    src = tiny_hf(tmp_path / "tiny")
+@pytest.mark.parametrize("tied", [False, True])
+def test_convert_w8a8_round_trip_matches_quantize_at_load(tmp_path, capsys, tied):
+    src = tiny_hf(tmp_path / "tiny", tied=tied)
     out = tmp_path / "tiny-w8a8"
     assert quantize_main([str(src), "-o", str(out), "--scheme", "w8a8"]) == 0
     assert "largest per-channel error" in capsys.readouterr().out
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    hf_config = json.loads((out / "config.json").read_text())
+    qc = hf_config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
-    assert qc["ignore"] == ["lm_head"]
+    assert qc["ignore"] == [] and hf_config["tie_word_embeddings"] is False     # lm_head is int8 too
     group = qc["config_groups"]["group_0"]
     assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy")} == \
         {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     assert group["input_activations"]["dynamic"] is True and group["input_activations"]["strategy"] == "token"
 
     loaded = load_checkpoint(out, keep_quant=True).weights
-    assert loaded["layers.1.w_gate"].format == "w8a8" and loaded["output"].dtype == np.float32
+    assert loaded["layers.1.w_gate"].format == "w8a8" and loaded["output"].format == "w8a8"
+    assert loaded["tok_embeddings"].dtype == np.float32
     config, at_load, _, _ = load_prepared(src, quantize=QuantizeOptions("w8a8"))
-    _, from_file, _, _ = load_prepared(out)
+    file_config, from_file, _, _ = load_prepared(out)
     for name, w in at_load.items():
         if isinstance(w, QuantWeight):
             assert np.array_equal(w.qs, from_file[name].qs) and np.array_equal(w.d, from_file[name].d)
         else:
             assert np.array_equal(w, from_file[name])
     a = greedy(Llama(config, at_load, "cpu"), PROMPT, 12)
-    b = greedy(Llama(config, from_file, "cpu"), PROMPT, 12)
+    b = greedy(Llama(file_config, from_file, "cpu"), PROMPT, 12)
     assert a == b
     # keep_quant=False (--f32): the same values, as float32
     flat = load_checkpoint(out).weights["layers.0.wq"]

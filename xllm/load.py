@@ -38,9 +38,10 @@ from .model import Llama, prepare_weights
 from .quantize import QuantizeOptions, quantize_checkpoint
 from .weights import QuantWeight, is_quant
 
-CACHE_FORMAT = 5     # 3: model.json carries digests and the size and sum of weights.bin
+CACHE_FORMAT = 6     # 3: model.json carries digests and the size and sum of weights.bin
                      # 4: the config carries rope_scaling (a GGUF's linear factor was ignored before)
                      # 5: float16 matrices and w8a8 QuantWeights; entries of weights quantized at load
+                     # 6: w8a8 quantizes the output projection too
 
 
 def cache_root() -> Path:

@@ -79,11 +79,14 @@ def prepare_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict
 
     The q, k and v projections are stacked into one matrix (one pass over the
     activations instead of three), and so are the gate and up projections.
-    The output projection is the embedding table when the model ties them.
+    The output projection is the embedding table when the model ties them,
+    unless the weights hold one of their own (W8A8 quantizes a tied table's
+    copy for it: xllm/quantize.py).
     Matrices keep their storage (QuantWeight blocks, float16); the rest becomes float32.
     """
     out = {"tok_embeddings": weights["tok_embeddings"], "norm": weights["norm"]}
-    out["output"] = weights["tok_embeddings"] if config.tied_embeddings else weights["output"]
+    own = "output" in weights or not config.tied_embeddings
+    out["output"] = weights["output"] if own else weights["tok_embeddings"]
     for i in range(config.n_layers):
         p = f"layers.{i}."
         out[p + "attn_norm"] = weights[p + "attn_norm"]

@@ -6,10 +6,14 @@
     weights = quantize_weights(config, weights, "w8a8")
 
 `weights` are a loader's canonical float weights (xllm/loader/layout.py).
-W8A8 quantizes every matrix of a layer; the embedding table and the output
-projection stay float32 (as compressed-tensors' usual `ignore: ["lm_head"]`).
-Q8_0 and fp16 store every matrix so, embeddings included, as llama.cpp's
-files of those types do. The norms stay float32.
+W8A8 quantizes every linear layer: the matrices of each layer and the
+output projection (lm_head). Decode reads the output projection whole for
+every token (the largest matrix of a small model: 113 of SmolLM2-135M's
+220 MB a token in float32), while the embedding table is read one row per
+token, so the table stays float32; a model whose output projection is its
+embedding table (tied) gets an int8 copy of the table as its own output
+projection. Q8_0 and fp16 store every matrix so, embeddings included, as
+llama.cpp's files of those types do. The norms stay float32.
 
 W8A8 (per output channel, symmetric). Row n of W gets one scale:
 
@@ -196,16 +200,24 @@ def quantize_weights(config: ModelConfig, weights: dict, scheme: str, report=Non
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     out = {}
+
+    def quantize(name, w):
+        out[name] = quantize_matrix(w, scheme)
+        if report:
+            report(name, max_channel_error(w, out[name]))
+
     for name, w in weights.items():
         kind = name.rsplit(".", 1)[-1]
         w = _float(w)
-        if kind in LAYER_MATRICES or (scheme != "w8a8" and w.ndim == 2):
-            out[name] = quantize_matrix(w, scheme)
-            if report:
-                report(name, max_channel_error(w, out[name]))
+        if name == "output" and config.tied_embeddings:
+            continue                           # the table's, below
+        if kind in LAYER_MATRICES or (w.ndim == 2 and (scheme != "w8a8" or name == "output")):
+            quantize(name, w)
         else:
             out[name] = np.ascontiguousarray(w, dtype=F32)
-    if config.tied_embeddings and "output" in weights:
+    if config.tied_embeddings and scheme == "w8a8":
+        quantize("output", out["tok_embeddings"])     # an int8 copy of the float32 table
+    elif config.tied_embeddings and "output" in weights:
         out["output"] = out["tok_embeddings"]
     return out
 
