@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prompts", default=str(SHARED_DATA / "prompts.txt"), help="one prompt per line")
     ap.add_argument("-n", "--max-tokens", type=int, default=48, help="tokens per greedy answer (default 48)")
-    ap.add_argument("--smooth", type=float, default=0.5, help="SmoothQuant alpha of w8a8+sq (default 0.5)")
+    ap.add_argument("--smooth", type=float, default=0.8, help="SmoothQuant alpha of w8a8+sq (default 0.8, the best of 0.35-0.8 on the default model: bench/RESULTS.md)")
     ap.add_argument("--calib", default=str(SHARED_DATA / "shareGPT_sample.txt"), help="calibration text")
     ap.add_argument("--calib-tokens", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")

@@ -1,6 +1,6 @@
 """Quantize a checkpoint and write it in a format other tools read.
 
-    python -m convert.quantize SRC -o OUT --scheme w8a8 [--smooth 0.5 --calib FILE]
+    python -m convert.quantize SRC -o OUT --scheme w8a8 [--smooth 0.8 --calib FILE]
     python -m convert.quantize SRC.gguf -o OUT.gguf --scheme q8_0      (or fp16)
 
 SRC is any checkpoint xllm loads; its float values are what gets quantized
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", required=True, help="the directory (w8a8) or .gguf file (q8_0, fp16) to write")
     ap.add_argument("--scheme", choices=("w8a8", "q8_0", "fp16"), required=True)
     ap.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                    help="w8a8 only: SmoothQuant smoothing with this alpha (0.5 is usual)")
+                    help="w8a8 only: SmoothQuant smoothing with this alpha (0.5 is usual; 0.8 kept SmolLM2-135M within 2%% of fp32 perplexity, bench/RESULTS.md)")
     ap.add_argument("--calib", default=None, help="the calibration text for --smooth "
                                                   "(default ../shared/data/shareGPT_sample.txt)")
     ap.add_argument("--calib-tokens", type=int, default=512, help="its first tokens to run (default 512)")

@@ -1,6 +1,6 @@
 """The CPU's fused operators against the compositions they replace.
 
-`Ops.add_rmsnorm` and `Ops.rope_store` are written once in
+`Ops.add_rmsnorm`, `Ops.rope_store` and `Ops.decoder_layer` are written once in
 xllm/ops/interface.py as compositions of the other operators (every device
 but the CPU runs those); the CPU replaces each with one kernel. The kernel
 must give what the composition gives on the same device, and refuse bad
@@ -111,3 +111,77 @@ def test_rope_store_int8_cache_holds_what_the_reference_quantizer_gives():
     kq, ks = quantize_kv_int8(k)
     np.testing.assert_array_equal(c[0][slots], kq)
     np.testing.assert_array_equal(c[2][slots], ks)
+
+
+# ---------------------------------------------------------------- decoder_layer: a whole layer in one call
+
+FORMATS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "w8a8"]
+
+
+def layer_call(fmt: str, kv_dtype: str):
+    """(args of Ops.decoder_layer without x and h, the model) for layer 0 of a tiny model with
+    head_dim 64 (the SIMD attention block), whose cache already holds two sequences."""
+    from xllm.kv_cache import KVCache
+    from xllm.model import Batch
+    from xllm.testing import tiny_llama
+
+    m = tiny_llama(weight_format=fmt, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=96, context_length=256)
+    cache = KVCache(m.config, 12, 16, kv_dtype, device=m.ops)
+    m.forward(Batch.build(cache, [(0, list(range(3, 40))), (1, list(range(5, 14)))]), cache, np.array([0], np.int32))
+
+    def args(batch_seqs):
+        b = Batch.build(cache, batch_seqs)
+        kv = cache.layer(0)
+        w, c = m.w, m.config
+        return [w["layers.0.wqkv"], w["layers.0.wo"], w["layers.0.w_gate_up"], w["layers.0.w_down"],
+                w["layers.0.ffn_norm"], w["layers.1.attn_norm"], c.rms_eps, c.n_heads, c.n_kv_heads, c.head_dim,
+                b.positions, m.cos, m.sin, kv.k, kv.v, b.slot_mapping, b.block_table, cache.block_size, b.cu_q,
+                m.scale, kv.k_scale, kv.v_scale]
+    return args, m
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decoder_layer_is_its_nine_operators(fmt, kv_dtype):
+    """Bit for bit, for decode (1 and 2 rows: the integer linear), a mixed batch of 6 rows and a
+    prefill chunk of 30 (the float GEMM), on the integer and on the exact path, cache included."""
+    args, m = layer_call(fmt, kv_dtype)
+    rng = np.random.default_rng(9)
+    for seqs in ([(0, [7])], [(0, [8]), (1, [9])], [(0, [3]), (1, [4, 5, 6, 7, 8])], [(2, list(range(1, 31)))]):
+        a = args(seqs)
+        T = len(a[10])
+        x = rng.standard_normal((T, 128)).astype(np.float32)
+        h = cpu.rmsnorm(x, m.w["layers.0.attn_norm"], 1e-5)
+        for exact in (False, True):
+            ops = get_ops("cpu", exact=exact)
+            fused_cache, composed_cache = copies(a[13:15] + a[20:22]), copies(a[13:15] + a[20:22])
+            fa, ca = list(a), list(a)
+            fa[13:15], fa[20:22] = fused_cache[:2], fused_cache[2:]
+            ca[13:15], ca[20:22] = composed_cache[:2], composed_cache[2:]
+            got = ops.decoder_layer(x, h, *fa)
+            want = Ops.decoder_layer(ops, x, h, *ca)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+            for g, w in zip(fused_cache, composed_cache):
+                if g is not None:
+                    np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_decoder_layer_refuses_bad_indices_and_writes_nothing(kv_dtype):
+    args, m = layer_call("q8_0", kv_dtype)
+    good = args([(0, [7])])
+    x = np.ones((1, 128), np.float32)
+    for i, bad, message in [(10, np.array([10_000], np.int32), "position"),      # past the rope tables
+                            (15, np.array([12 * 16], np.int32), "slot"),         # past the cache
+                            (16, np.array([[0, 1, 99]], np.int32), "block_table")]:
+        a = list(good)
+        a[i] = bad
+        before = copies(a[13:15] + a[20:22])
+        with pytest.raises(ValueError, match=message):
+            cpu.decoder_layer(x, x, *a)
+        for g, w in zip(a[13:15] + a[20:22], before):
+            if g is not None:
+                np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="linear"):
+        cpu.decoder_layer(x[:, :100], x[:, :100], *good)

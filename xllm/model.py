@@ -23,11 +23,15 @@ One layer, for rows x[T, dim]:
     h      = rmsnorm(x)
     x      = x + (silu(h @ Wgate^T) * (h @ Wup^T)) @ Wdown^T
 
-The code takes the glue between the matrix products in two fused
-operators (`Ops.add_rmsnorm`, `Ops.rope_store`): a residual addition with
-the norm after it (the next layer's first norm, or the final one), and
-split + rope + cache store. They are compositions of the operators above,
-one call each where a device fuses them.
+The layer is one operator, `Ops.decoder_layer` (xllm/ops/interface.py):
+nine operator calls, written there as the lines above. It takes the glue
+between the matrix products in two fused operators (`Ops.add_rmsnorm`,
+`Ops.rope_store`): a residual addition with the norm after it (the next
+layer's first norm, or the final one), and split + rope + cache store.
+Each is a composition of the operators above, one call where a device
+fuses it; the CPU runs a whole layer as one compiled call, since a decode
+step's operators are small enough that calling them from Python was a
+third of its time.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class Llama:
         if batch.positions.size and int(batch.positions.max()) >= self.cos.shape[0]:
             self.cos, self.sin = self._rope_tables(min(c.context_length, max(2 * self.cos.shape[0],
                                                                              int(batch.positions.max()) + 1)))
-        T, H, KV, hd = len(batch.tokens), c.n_heads, c.n_kv_heads, c.head_dim
+        H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
         positions, cu_q = ops.upload(batch.positions), ops.upload(batch.cu_q)
         block_table, slots = ops.upload(batch.block_table), ops.upload(batch.slot_mapping)
         x = ops.embedding(w["tok_embeddings"], ops.upload(batch.tokens))
@@ -157,16 +161,12 @@ class Llama:
         for i in range(c.n_layers):
             p = f"layers.{i}."
             kv = cache.layer(i)   # fp32, fp16, or int8 with per-token scales
-            # q, k, v = split(h @ Wqkv^T); q, k = rope(q), rope(k); cache <- k, v
-            q = ops.rope_store(ops.linear(h, w[p + "wqkv"]), H, KV, hd, positions, self.cos, self.sin,
-                               kv.k, kv.v, slots, kv.k_scale, kv.v_scale)
-            a = ops.attention(q, kv.k, kv.v, block_table, cache.block_size, cu_q, positions, self.scale,
-                              kv.k_scale, kv.v_scale)
-            x, h = ops.add_rmsnorm(x, ops.linear(a.reshape(T, H * hd), w[p + "wo"]), w[p + "ffn_norm"], c.rms_eps)
-            # the residual, and the norm that starts the next layer (or the final one)
+            # h is normed for the next layer (or, after the last one, by the final norm)
             after = f"layers.{i + 1}.attn_norm" if i + 1 < c.n_layers else "norm"
-            x, h = ops.add_rmsnorm(x, ops.linear(ops.silu_mul(ops.linear(h, w[p + "w_gate_up"])), w[p + "w_down"]),
-                                   w[after], c.rms_eps)
+            x, h = ops.decoder_layer(x, h, w[p + "wqkv"], w[p + "wo"], w[p + "w_gate_up"], w[p + "w_down"],
+                                     w[p + "ffn_norm"], w[after], c.rms_eps, H, KV, hd, positions, self.cos,
+                                     self.sin, kv.k, kv.v, slots, block_table, cache.block_size, cu_q, self.scale,
+                                     kv.k_scale, kv.v_scale)
         rows = ops.upload(np.asarray(logit_rows, np.int32))
         return ops.download(ops.logits(h, rows, w["output"]))
 

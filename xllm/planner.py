@@ -226,7 +226,7 @@ class ActivationPeak:
     per_logit_row: Poly            # floats per logit row (R) at the peak
 
 
-_FORWARD_ORDER = ["x", "h", "qkv", "q", "k_rot", "attn", "o", "gate_up", "silu", "down", "rows", "logits"]
+_FORWARD_ORDER = ["x", "h", "qkv", "q", "k_rot", "attn", "o", "x1", "h1", "gate_up", "silu", "down", "rows", "logits"]
 
 
 class _Frame:
@@ -263,13 +263,14 @@ class _Frame:
 def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype: str = "fp32") -> ActivationPeak:
     """Peak live activation bytes of `Llama.forward` for `tokens` rows, `logit_rows` of them projected to logits.
 
-    Replays xllm/model.py line by line as the CPU runs it (each operator
-    returns a new array; an argument that no name holds, such as qkv, is
-    freed when the call returns; `rope_store` rotates k into a temporary
-    before storing it). For Llama-2-7B in prefill the peak is at silu_mul,
-    where x, h, q, attn, gate_up and its silu output are alive: T(4h1+3h2)
-    floats. In decode the logits often dominate: T(4h1) + R(h1+v) with the
-    gathered rows.
+    Replays xllm/model.py as the CPU runs it. Each operator returns a new
+    array; the caller holds a layer's inputs x and h until `decoder_layer`
+    returns; inside, the compiled layer (xllm/ops/cpu/layer.py) frees each
+    array after its last use (`rope_store` rotates k into a temporary before
+    storing it). For Llama-2-7B in prefill the peak is at silu_mul, where
+    the layer's inputs x and h, the new x, gate_up and its silu output are
+    alive: T(3h1+3h2) floats. In decode the logits often dominate: T(2h1) +
+    R(h1+v) with the gathered rows.
     """
     f = _Frame({**_symbols(config), "T": ("T", tokens), "R": ("R", logit_rows)}, _width(act_dtype))
     h1, hq, hkv = {("h1",): 1}, {("hq",): 1}, {("hkv",): 1}
@@ -277,27 +278,28 @@ def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype
     f.assign("h", "h = rmsnorm(x)", h1)
     for _ in range(config.n_layers):
         f.new("qkv", "linear(h, wqkv)", {("hq",): 1, ("hkv",): 2})
-        f.new("q'", "q = rope_store(qkv, cache)", hq)
+        f.new("q", "q = rope_store(qkv, cache)", hq)
         f.new("k_rot", "rope_store: rotated k, then stored", hkv)
         f.drop("k_rot")
         f.drop("qkv")
-        f.rebind("q")
-        f.assign("attn", "attn = attention(q, cache)", hq)
+        f.new("attn", "attn = attention(q, cache)", hq)
+        f.drop("q")
         f.new("o", "linear(attn, wo)", h1)
-        f.new("x'", "x, h = add_rmsnorm(x, o)", h1)
-        f.new("h'", "x, h = add_rmsnorm(x, o)", h1)
+        f.drop("attn")
+        f.new("x1", "x1, h1 = add_rmsnorm(x, o)", h1)
+        f.new("h1", "x1, h1 = add_rmsnorm(x, o)", h1)
         f.drop("o")
-        f.rebind("x")
-        f.rebind("h")
-        f.new("gate_up", "linear(h, w_gate_up)", {("h2",): 2})
+        f.new("gate_up", "linear(h1, w_gate_up)", {("h2",): 2})
+        f.drop("h1")
         f.new("silu", "silu_mul(gate_up)", {("h2",): 1})
         f.drop("gate_up")
         f.new("down", "linear(silu, w_down)", h1)
         f.drop("silu")
-        f.new("x'", "x, h = add_rmsnorm(x, down)", h1)
-        f.new("h'", "x, h = add_rmsnorm(x, down)", h1)
+        f.new("x'", "x, h = add_rmsnorm(x1, down)", h1)
+        f.new("h'", "x, h = add_rmsnorm(x1, down)", h1)
         f.drop("down")
-        f.rebind("x")
+        f.drop("x1")
+        f.rebind("x")                        # the caller's names take the layer's outputs
         f.rebind("h")
     f.new("rows", "h[logit_rows]", {}, h1)
     f.new("logits", "logits = linear(h[rows], output)", {}, {("v",): 1})

@@ -289,7 +289,7 @@ def activation_maxima(config: ModelConfig, weights: dict, ids: list[int], chunk:
 
 def _recording_ops():
     """A new CPU `Ops` (exact float32) whose `linear` records max |x| per column for watched weights."""
-    from .ops import get_ops
+    from .ops import Ops, get_ops
 
     base = type(get_ops("cpu", exact=True))
 
@@ -297,6 +297,7 @@ def _recording_ops():
         name = "cpu"
         watch: dict[int, str] = {}
         maxima: dict[str, np.ndarray] = {}
+        decoder_layer = Ops.decoder_layer      # operator by operator, so that `linear` sees every x
 
         def linear(self, x, w):
             key = self.watch.get(id(w))

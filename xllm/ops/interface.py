@@ -6,15 +6,18 @@ nothing but these, so they run unchanged on every device:
     memory      upload, download, empty, zeros, upload_weight, split_qkv, synchronize
     operators   embedding, rmsnorm, linear, rope, rope_tables, store_kv, attention,
                 silu_mul, add, logits
-    fused       add_rmsnorm, rope_store: compositions of the operators above,
-                written here once; a device may replace one with a single
-                kernel (the CPU does), with the same result to rounding
+    fused       add_rmsnorm, rope_store, decoder_layer: compositions of the
+                operators above, written here once; a device may replace one
+                with a single call (the CPU does), with the same result to
+                rounding
 
 A fused operator exists because each operator call costs a few microseconds
 beyond its work (checks, dispatch, allocation): during decode, a layer's
 glue operators touch a few thousand numbers each, and eight of its fourteen
 calls were such glue (split, two ropes, store, two adds, two norms); with
-the fused operators a layer makes nine calls.
+add_rmsnorm and rope_store a layer makes nine calls. `decoder_layer` is the
+whole layer, those nine calls: the CPU runs it as one compiled call, as a
+GPU would replay a captured graph of them.
 
 An array of a device is whatever that device computes on: numpy arrays for
 "cpu" and "reference", numba.cuda device arrays for "cuda" (and the
@@ -55,7 +58,7 @@ from . import checks
 
 OPS = ("embedding", "rmsnorm", "linear", "rope", "rope_tables", "store_kv", "attention",
        "silu_mul", "add", "logits")
-FUSED = ("add_rmsnorm", "rope_store")
+FUSED = ("add_rmsnorm", "rope_store", "decoder_layer")
 MEMORY = ("upload", "download", "empty", "zeros", "upload_weight", "split_qkv", "synchronize")
 
 
@@ -177,6 +180,21 @@ class Ops:
         q = self.rope(q, positions, cos, sin)
         self.store_kv(self.rope(k, positions, cos, sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return q
+
+    def decoder_layer(self, x, h, wqkv, wo, w_gate_up, w_down, ffn_norm, next_norm, eps: float,
+                      n_heads: int, n_kv_heads: int, head_dim: int, positions, cos, sin, k_cache, v_cache,
+                      slot_mapping, block_table, block_size: int, cu_q, scale: float, k_scale=None, v_scale=None):
+        """One Llama layer (xllm/model.py), from the residual stream x [T, D] and h = x after
+        the layer's first norm, to the next layer's (x, h): h is normed with `next_norm`, the
+        next layer's first norm or the model's final one. The layer's keys and values go
+        into the caches at slot_mapping, as `rope_store` writes them; the other arguments
+        are those of `rope_store` and `attention`, whose errors it raises."""
+        T = x.shape[0]
+        q = self.rope_store(self.linear(h, wqkv), n_heads, n_kv_heads, head_dim, positions, cos, sin,
+                            k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        a = self.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale, k_scale, v_scale)
+        x, h = self.add_rmsnorm(x, self.linear(a.reshape(T, n_heads * head_dim), wo), ffn_norm, eps)
+        return self.add_rmsnorm(x, self.linear(self.silu_mul(self.linear(h, w_gate_up)), w_down), next_norm, eps)
 
     # ------------------------------------------------------------------ helpers
 

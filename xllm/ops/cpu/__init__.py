@@ -16,6 +16,7 @@ over the rows, in threads (`prange`) when the work is large enough:
                       the default, several times faster (`reference.linear_int`)
   kv_storage.py       store_kv (float32, float16 or int8 caches), rope_store (fused)
   paged_attention.py  attention (causal, paged, ragged batch, GQA)
+  layer.py            decoder_layer (fused): a whole layer, the above, in one compiled call
   common.py           fast-math flags, serial and parallel drivers, index checks
 
 Kernels are compiled on first use and cached on disk (`cache=True`); the
@@ -27,7 +28,7 @@ every driver and body is then plain Python (and `prange` a plain `range`).
 from __future__ import annotations
 
 from ..interface import HostOps
-from . import embedding, intmatmul, kv_storage, matmul, paged_attention, pointwise, qmatmul
+from . import embedding, intmatmul, kv_storage, layer, matmul, paged_attention, pointwise, qmatmul
 
 
 class CpuOps(HostOps):
@@ -44,3 +45,4 @@ class CpuOps(HostOps):
     store_kv = staticmethod(kv_storage.store_kv)
     rope_store = staticmethod(kv_storage.rope_store)
     attention = staticmethod(paged_attention.attention)
+    decoder_layer = layer.decoder_layer          # a method: it falls back on Ops.decoder_layer

@@ -18,8 +18,8 @@ A 64-byte SIMD load that starts inside a cache line touches two lines and
 costs about twice as much. Arrays from numpy start 16 bytes into a line
 (large ones) and numba's np.empty 32 bytes, so a kernel that streams the
 same rows from the L1 cache again and again (attention) ran at half speed.
-Scratch rows in kernels come from `aligned_rows`, the wrappers' outputs
-from `empty` and `zeros`; the host devices allocate the KV cache and keep
+Scratch rows in kernels come from `aligned_rows`, outputs from `empty`
+(in Python) or `new_rows` (compiled); the host devices allocate the KV cache and keep
 float32 weights the same way (`interface.HostOps`).
 """
 
@@ -28,7 +28,7 @@ import types
 import numba
 import numpy as np
 
-from ..interface import ALIGN, aligned_array
+from ..interface import ALIGN, ALIGN_FROM, aligned_array
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -74,9 +74,13 @@ def empty(shape, dtype=np.float32) -> np.ndarray:
     return aligned_array(np.empty, shape, dtype)
 
 
-def zeros(shape, dtype=np.float32) -> np.ndarray:
-    """np.zeros on a cache line."""
-    return aligned_array(np.zeros, shape, dtype)
+@numba.njit(cache=True)
+def new_rows(rows, cols):
+    """An uninitialised float32 [rows, cols] for a compiled driver's output, on a cache line
+    from ALIGN_FROM bytes on (as `empty` makes the wrappers' outputs)."""
+    if rows * cols * 4 >= ALIGN_FROM:
+        return aligned_rows(rows, cols)
+    return np.empty((rows, cols), np.float32)
 
 
 @numba.njit(cache=True)

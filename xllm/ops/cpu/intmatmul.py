@@ -6,8 +6,8 @@ xllm/ops/kernels/qdot.py. This is the CPU's default for those formats
 (`get_ops("cpu")`); `get_ops("cpu", exact=True)` multiplies in float32
 instead (qmatmul.py).
 
-Each call does two passes, in one compiled call from Python (`_run_i8`,
-`_run_i4`: a decode step's linear costs a few microseconds beyond its work,
+Each call does two passes, in one compiled call from Python (`run_i8`,
+`run_i4`: a decode step's linear costs a few microseconds beyond its work,
 and each call from Python and each start of the threads is one of them):
 
   1. quantize every token's x once: integer blocks, their scales and sums
@@ -150,7 +150,7 @@ def _quantize(x, qmax, xq, xd, xsum):
     """Every token of x [T, K] as integer blocks (`qdot.quantize_row`; xq [T, nb, bs] int8 or int16).
 
     Without fast-math, so that every float operation is the specification's.
-    It runs from `_quantized_as` and `_run_i8` / `_run_i4`, which have no
+    It runs from `_quantized_as` and `run_i8` / `run_i4`, which have no
     fast-math flags either: numba compiles a function with its caller's flags
     unless it sets its own, and from inside the fast-math kernels LLVM turned
     max|x| / qmax into max|x| * (1 / qmax), one unit in the last place off
@@ -215,46 +215,62 @@ def _linear_i4(xq, xd, xsum, qs, d, o, c, out):
             qblock.store4(out, t, N, n0, n1, n2, n3, a0, a1, a2, a3)
 
 
-@numba.njit(cache=True)
-def _run_i8(x, qs, d, qmax, like, out):
-    """Quantize x, then `_linear_i8` into out: one call from Python (no fast-math here, see `_quantize`)."""
-    xq, xd, _ = _quantized_as(x, qs.shape[1], qmax, like)
-    _linear_i8(xq, xd, qs, d, out)
-
-
-@numba.njit(cache=True)
-def _run_i4(x, qs, d, o, c, qmax, like, out):
-    """Quantize x, then `_linear_i4` into out."""
-    xq, xd, xsum = _quantized_as(x, qs.shape[1], qmax, like)
-    _linear_i4(xq, xd, xsum, qs, d, o, c, out)
-
-
 # Tokens per call up to which the GGUF formats use the integer kernels (see the module docstring).
 INT_MAX_TOKENS = {"q8_0": 3, "q4_0": 3, "q4_1": 3}
+NO_LIMIT = 1 << 62        # w8a8: integers at every size
+
+
+@numba.njit(cache=True)
+def run_i8(x, qs, d, qmax, like, max_tokens, workers):
+    """`reference.linear_int` for a q8_0 or w8a8 matrix (qs, d), x quantized to like's integer type
+    with qmax; past max_tokens tokens the exact float GEMM (`qmatmul.run_q8`).  -> new [T, N]
+
+    One call from Python for the whole operator: quantizing on the calling thread
+    (a few tokens), then one start of the threads. No fast-math here (see `_quantize`)."""
+    T, N = x.shape[0], qs.shape[0]
+    if T > max_tokens:
+        return qmatmul.run_q8(x, qs, d, workers)
+    out = common.new_rows(T, N)
+    if x.shape[1] == 0:
+        out[:] = 0.0
+    elif T > 0 and N > 0:
+        xq, xd, _ = _quantized_as(x, qs.shape[1], qmax, like)
+        _linear_i8(xq, xd, qs, d, out)
+    return out
+
+
+@numba.njit(cache=True)
+def run_i4(x, qs, d, o, c, max_tokens, workers):
+    """`run_i8` for a q4_0 or q4_1 matrix (qs, d, o, c); x as int16 per 32 values."""
+    T, N = x.shape[0], qs.shape[0]
+    if T > max_tokens:
+        return qmatmul.run_q4(x, qs, d, o, c, workers)
+    out = common.new_rows(T, N)
+    if x.shape[1] == 0:
+        out[:] = 0.0
+    elif T > 0 and N > 0:
+        xq, xd, xsum = _quantized_as(x, qs.shape[1], np.float32(32767), np.zeros(0, np.int16))
+        _linear_i4(xq, xd, xsum, qs, d, o, c, out)
+    return out
+
+
+def int_args(w) -> tuple:
+    """The arguments after x of `run_i8` / `run_i4` for a QuantWeight (workers last, added by the caller)."""
+    if w.format in ("q8_0", "w8a8"):
+        qs, d = checks.weight_arrays(w)
+        bits = ACTIVATION_BITS[w.format]
+        return qs, d, _QMAX[bits], _LIKE[bits], INT_MAX_TOKENS.get(w.format, NO_LIMIT)
+    return (*checks.weight_arrays(w), INT_MAX_TOKENS[w.format])
 
 
 def linear_i8(x: np.ndarray, w) -> np.ndarray:
     """`reference.linear_int` for a q8_0 or w8a8 QuantWeight.  x [T, K] -> new [T, N]."""
-    if x.shape[0] > INT_MAX_TOKENS.get(w.format, x.shape[0]):
-        return qmatmul.LINEAR[w.format](x, w)
-    qs, d = checks.weight_arrays(w)
-    out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
-    if out.size and x.shape[1]:
-        bits = ACTIVATION_BITS[w.format]
-        _run_i8(x, qs, d, _QMAX[bits], _LIKE[bits], out)
-    return out
+    return run_i8(x, *int_args(w), numba.get_num_threads())
 
 
 def linear_i4(x: np.ndarray, w) -> np.ndarray:
     """`reference.linear_int` for a q4_0 or q4_1 QuantWeight.  x [T, K] -> new [T, N]."""
-    if x.shape[0] > INT_MAX_TOKENS[w.format]:
-        return qmatmul.LINEAR[w.format](x, w)
-    qs, d, o, c = checks.weight_arrays(w)
-    out = common.zeros((x.shape[0], qs.shape[0]), np.float32)
-    if out.size and x.shape[1]:
-        bits = ACTIVATION_BITS[w.format]
-        _run_i4(x, qs, d, o, c, _QMAX[bits], _LIKE[bits], out)
-    return out
+    return run_i4(x, *int_args(w), numba.get_num_threads())
 
 
 LINEAR = {"q8_0": linear_i8, "w8a8": linear_i8, "q4_0": linear_i4, "q4_1": linear_i4}   # format -> kernel

@@ -16,6 +16,7 @@ the same `store_head` per kv head, in one call instead of four.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -86,25 +87,40 @@ def _rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, k_scale, v_scale
 _rope_store_serial, _rope_store_parallel = serial_and_parallel(_rope_store)
 
 
+@numba.njit(cache=True)
+def run_rope_store(heads, n_heads, n_kv_heads, positions, cos, sin, k_cache, v_cache, k_scale, v_scale,
+                   slot_mapping):
+    """`_rope_store` from heads = qkv as [T, H + 2 Hkv, hd]: (q_out, bad position row, bad slot row)."""
+    T, hd = heads.shape[0], heads.shape[2]
+    q = heads[:, :n_heads]
+    k = heads[:, n_heads:n_heads + n_kv_heads]
+    v = heads[:, n_heads + n_kv_heads:]
+    q_out = common.new_rows(T * n_heads, hd).reshape((T, n_heads, hd))
+    k_out = np.empty((T, n_kv_heads, hd), np.float32)
+    if heads.size >= common.PARALLEL_MIN_ELEMENTS:
+        bad_position, bad_slot = _rope_store_parallel(q, k, v, positions, cos, sin, k_cache, v_cache, k_scale,
+                                                      v_scale, slot_mapping, q_out, k_out)
+    else:
+        bad_position, bad_slot = _rope_store_serial(q, k, v, positions, cos, sin, k_cache, v_cache, k_scale,
+                                                    v_scale, slot_mapping, q_out, k_out)
+    return q_out, bad_position, bad_slot
+
+
 def rope_store(qkv: np.ndarray, n_heads: int, n_kv_heads: int, head_dim: int, positions: np.ndarray,
                cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
                slot_mapping: np.ndarray, k_scale: np.ndarray | None = None,
                v_scale: np.ndarray | None = None) -> np.ndarray:
     """`Ops.rope_store` in one pass over the rows: split_qkv, rope of q and k, store_kv.  -> new q [T, H, hd]."""
     checks.split_qkv(qkv, n_heads, n_kv_heads, head_dim)
-    T, q_end, k_end = qkv.shape[0], n_heads * head_dim, (n_heads + n_kv_heads) * head_dim
-    q = qkv[:, :q_end].reshape(T, n_heads, head_dim)          # views of qkv's columns
-    k = qkv[:, q_end:k_end].reshape(T, n_kv_heads, head_dim)
-    v = qkv[:, k_end:].reshape(T, n_kv_heads, head_dim)
-    checks.rope(q, positions, cos, sin)
-    checks.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    heads = qkv.reshape(qkv.shape[0], n_heads + 2 * n_kv_heads, head_dim)
+    checks.rope(heads, positions, cos, sin)
+    kv_end = n_heads + n_kv_heads
+    checks.store_kv(heads[:, n_heads:kv_end], heads[:, kv_end:], k_cache, v_cache, slot_mapping)
     kc, vc = checks.kv_caches("rope_store", k_cache, v_cache, k_scale, v_scale)
-    q_out = common.empty(q.shape, np.float32)
-    k_out = np.empty(k.shape, np.float32)
-    run = _rope_store_parallel if qkv.size >= common.PARALLEL_MIN_ELEMENTS else _rope_store_serial
-    bad_position, bad_slot = run(q, k, v, positions, cos, sin, kc, vc, k_scale, v_scale, slot_mapping, q_out, k_out)
+    q, bad_position, bad_slot = run_rope_store(heads, n_heads, n_kv_heads, positions, cos, sin, kc, vc, k_scale,
+                                               v_scale, slot_mapping)
     if bad_position >= 0:
         raise checks.index_error(checks.BAD_POSITION, bad_position, positions[bad_position], cos.shape[0])
     if bad_slot >= 0:
         raise checks.index_error(checks.BAD_SLOT, bad_slot, slot_mapping[bad_slot], k_cache.shape[0])
-    return q_out
+    return q

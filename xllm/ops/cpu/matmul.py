@@ -221,8 +221,9 @@ def _gemm(x, w, out):
 
 # ---------------------------------------------------------------- GEMM: many tokens, converted rows
 
-def scratch_jobs(N: int, K: int) -> tuple[int, int]:
-    """(rows per job, workers) for a GEMM that converts rows into float32 scratch first.
+@numba.njit(cache=True)
+def scratch_jobs(N, K, workers):
+    """(rows per job, workers to use of `workers`) for a GEMM that converts rows into float32 scratch first.
 
     A worker converts a block of rows (about SCRATCH_BYTES of float32, a
     multiple of 3 rows for the tiles) and multiplies it with every token,
@@ -234,7 +235,7 @@ def scratch_jobs(N: int, K: int) -> tuple[int, int]:
     (3072 x 576, a 2-core CPU).
     """
     rows = max(3, min(ROWS_PER_BLOCK, SCRATCH_BYTES // (4 * max(K, 1)) // 3 * 3))
-    return rows, min(numba.get_num_threads(), -(-N // rows))
+    return rows, min(workers, -(-N // rows))
 
 
 # ---------------------------------------------------------------- float16 weights
@@ -269,11 +270,13 @@ def _gemm_f16(x, w, rows_per_job, n_workers, out):
             _gemm_block(x, scratch, out[:, n0:n0 + rows], 0, rows, 0, T)
 
 
-# ---------------------------------------------------------------- wrappers (shapes checked by Ops.linear)
+# ---------------------------------------------------------------- one call from Python each
 
-def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32."""
-    out = common.empty((x.shape[0], w.shape[0]), np.float32)
+@numba.njit(cache=True)
+def run_f32(x, w, workers):
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32 (`workers`: unused, as
+    every kernel of `linear` takes it)."""
+    out = common.new_rows(x.shape[0], w.shape[0])
     if x.shape[0] == 1 and w.shape[0] > 0:
         _gemv(x, w, out)
     else:
@@ -281,16 +284,30 @@ def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T.  x [T, K] float32, w [N, K] float16 -> new [T, N] float32."""
-    (bits,) = checks.weight_arrays(w)
-    T, N = x.shape[0], w.shape[0]
-    out = common.empty((T, N), np.float32)
+@numba.njit(cache=True)
+def run_f16(x, bits, workers):
+    """y = x @ w.T.  x [T, K] float32, bits [N, K] the float16 bits of w -> new [T, N] float32."""
+    T, N = x.shape[0], bits.shape[0]
+    out = common.new_rows(T, N)
     if T == 1 and N > 0:
         _gemv(x, bits, out)
     elif T > 1 and N > 0:
-        _gemm_f16(x, bits, *scratch_jobs(N, x.shape[1]), out)
+        rows, n_workers = scratch_jobs(N, x.shape[1], workers)
+        _gemm_f16(x, bits, rows, n_workers, out)
     return out
+
+
+# ---------------------------------------------------------------- wrappers (shapes checked by Ops.linear)
+
+def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float32 -> new [T, N] float32."""
+    return run_f32(x, w, 1)
+
+
+def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T.  x [T, K] float32, w [N, K] float16 -> new [T, N] float32."""
+    (bits,) = checks.weight_arrays(w)
+    return run_f16(x, bits, numba.get_num_threads())
 
 
 LINEAR = {"f32": linear_f32, "f16": linear_f16}      # weight format -> kernel (CpuOps.linear_kernels)

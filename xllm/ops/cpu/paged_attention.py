@@ -47,7 +47,7 @@ from numba import prange
 from numba.core import config
 
 from .. import checks
-from . import simd
+from . import common, simd
 from .bodies import attend
 from .common import FAST, aligned_rows
 
@@ -352,18 +352,27 @@ def _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_s
 def _attend(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, cu_q, positions, scale, workers,
             use_simd):
     """Plan the batch (`_plan`), then run the driver that suits it on `workers` threads:
-    (out, code, where), out unwritten unless code is 0. One call from Python for the operator."""
+    (out, code, where); when code is not 0, nothing ran and out is q. One call from Python."""
+    tiles, code, where = _plan(q.shape[0], k_cache.shape[0], block_table, block_size, cu_q, positions)
+    if code:
+        return q, code, where
+    return run_planned(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
+                       workers, use_simd), code, where
+
+
+@numba.njit(cache=True)
+def run_planned(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions, scale,
+                workers, use_simd):
+    """Attention of a batch `_plan` found valid (its tiles), by the driver that suits it.  -> new [T, H, hd]"""
     T, H, hd = q.shape
-    tiles, code, where = _plan(T, k_cache.shape[0], block_table, block_size, cu_q, positions)
-    out = aligned_rows(T * H, hd).reshape((T, H, hd))
-    if code == 0:
-        if workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers:
-            _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
-                             scale, workers, use_simd, out)
-        else:
-            _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
-                             scale, workers, use_simd, out)
-    return out, code, where
+    out = common.new_rows(T * H, hd).reshape((T, H, hd))
+    if workers > 1 and tiles.shape[0] * k_cache.shape[1] < SPLIT_BELOW * workers:
+        _attention_split(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
+                         scale, workers, use_simd, out)
+    else:
+        _attention_tiles(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, tiles, positions,
+                         scale, workers, use_simd, out)
+    return out
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_table: np.ndarray,

@@ -15,6 +15,7 @@ tables (compiled code has no bounds checks).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -88,13 +89,21 @@ def _silu_mul(gate_up, out):
 _silu_mul_serial, _silu_mul_parallel = serial_and_parallel(_silu_mul, fastmath=FAST)
 
 
+@numba.njit(cache=True)
+def run_silu_mul(gate_up):
+    """silu_mul into a new array, the threads only for large inputs (`serial_and_parallel`)."""
+    out = common.new_rows(gate_up.shape[0], gate_up.shape[1] // 2)
+    if gate_up.size >= common.PARALLEL_MIN_ELEMENTS:
+        _silu_mul_parallel(gate_up, out)
+    else:
+        _silu_mul_serial(gate_up, out)
+    return out
+
+
 def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """SwiGLU activation: gate_up [T, 2F] -> new [T, F], silu(gate) * up."""
     checks.silu_mul(gate_up)
-    out = common.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
-    run = _silu_mul_parallel if gate_up.size >= common.PARALLEL_MIN_ELEMENTS else _silu_mul_serial
-    run(gate_up, out)
-    return out
+    return run_silu_mul(gate_up)
 
 
 # ---------------------------------------------------------------- add
@@ -131,12 +140,20 @@ def _add_rmsnorm(x, y, w, eps, s, out):
 _add_rmsnorm_serial, _add_rmsnorm_parallel = serial_and_parallel(_add_rmsnorm, fastmath=FAST)
 
 
+@numba.njit(cache=True)
+def run_add_rmsnorm(x, y, w, eps):
+    """add_rmsnorm into two new arrays, the threads only for large inputs."""
+    s = common.new_rows(x.shape[0], x.shape[1])
+    out = common.new_rows(x.shape[0], x.shape[1])
+    if x.size >= common.PARALLEL_MIN_ELEMENTS:
+        _add_rmsnorm_parallel(x, y, w, eps, s, out)
+    else:
+        _add_rmsnorm_serial(x, y, w, eps, s, out)
+    return s, out
+
+
 def add_rmsnorm(x: np.ndarray, y: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """(s, rmsnorm(s, w, eps)) with s = x + y, in one pass over the rows.  x, y [T, D], w [D]."""
     checks.add(x, y)
     checks.rmsnorm(x, w)
-    s = common.empty(x.shape, np.float32)
-    out = common.empty(x.shape, np.float32)
-    run = _add_rmsnorm_parallel if x.size >= common.PARALLEL_MIN_ELEMENTS else _add_rmsnorm_serial
-    run(x, y, w, float(eps), s, out)
-    return s, out
+    return run_add_rmsnorm(x, y, w, float(eps))

@@ -154,30 +154,47 @@ def _gemm_q4(x, qs, d, o, c, rows_per_job, n_workers, out):
             _gemm_block(x, w, out[:, n0:n0 + rows], 0, rows, 0, T)
 
 
+# ---------------------------------------------------------------- one call from Python each
+
+@numba.njit(cache=True)
+def run_q8(x, qs, d, workers):
+    """y = x @ w.dequantize().T for a q8_0 (or w8a8) matrix given as qs, d, without making the
+    float32 matrix.  -> new [T, N]"""
+    T, N = x.shape[0], qs.shape[0]
+    out = common.new_rows(T, N)
+    if T == 1:
+        _gemv_q8(x, qs, d, out)
+    elif T > 1 and N > 0:
+        rows, n_workers = scratch_jobs(N, x.shape[1], workers)
+        _gemm_q8(x, qs, d, rows, n_workers, out)
+    return out
+
+
+@numba.njit(cache=True)
+def run_q4(x, qs, d, o, c, workers):
+    """`run_q8` for a q4_0 or q4_1 matrix given as qs, d, o, c (`checks.weight_arrays`)."""
+    T, N = x.shape[0], qs.shape[0]
+    out = common.new_rows(T, N)
+    if T == 1:
+        _gemv_q4(x, qs, d, o, c, out)
+    elif T > 1 and N > 0:
+        rows, n_workers = scratch_jobs(N, x.shape[1], workers)
+        _gemm_q4(x, qs, d, o, c, rows, n_workers, out)
+    return out
+
+
 # ---------------------------------------------------------------- wrappers (shapes checked by Ops.linear)
 
 def linear_q8(x: np.ndarray, w) -> np.ndarray:
     """y = x @ w.dequantize().T for a q8_0 QuantWeight, without making the float32 matrix.  -> new [T, N]."""
     qs, d = checks.weight_arrays(w)
-    T, N = x.shape[0], qs.shape[0]
-    out = common.empty((T, N), np.float32)
-    if T == 1:
-        _gemv_q8(x, qs, d, out)
-    elif T > 1 and N > 0:
-        _gemm_q8(x, qs, d, *scratch_jobs(N, x.shape[1]), out)
-    return out
+    return run_q8(x, qs, d, numba.get_num_threads())
 
 
 def linear_q4(x: np.ndarray, w) -> np.ndarray:
     """y = x @ w.dequantize().T for a q4_0 or q4_1 QuantWeight, without making the float32 matrix."""
     qs, d, o, c = checks.weight_arrays(w)
-    T, N = x.shape[0], qs.shape[0]
-    out = common.empty((T, N), np.float32)
-    if T == 1:
-        _gemv_q4(x, qs, d, o, c, out)
-    elif T > 1 and N > 0:
-        _gemm_q4(x, qs, d, o, c, *scratch_jobs(N, x.shape[1]), out)
-    return out
+    return run_q4(x, qs, d, o, c, numba.get_num_threads())
 
 
 LINEAR = {"q8_0": linear_q8, "q4_0": linear_q4, "q4_1": linear_q4, "w8a8": linear_q8}   # format -> kernel
