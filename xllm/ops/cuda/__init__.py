@@ -66,7 +66,15 @@ class CudaOps(Ops):
     # ------------------------------------------------------------------ launching
 
     def launch(self, kernel, grid, block, *args) -> None:
-        """kernel[grid, block](*args); a grid with no blocks launches nothing."""
+        """kernel[grid, block](*args); a grid with no blocks launches nothing.
+
+        None is refused here on every device: a GPU kernel cannot take it (numba-cuda
+        raises NotImplementedError at the launch), but the simulator would run it, so
+        only a real GPU would find out. An optional argument needs a kernel without it.
+        """
+        if any(a is None for a in args):
+            raise TypeError(f"{kernel.py_func.__name__}: a GPU kernel cannot take None (argument "
+                            f"{[a is None for a in args].index(True)})")
         if np.prod(grid) == 0:
             return
         kernel[grid, block](*args)

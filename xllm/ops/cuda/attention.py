@@ -40,7 +40,7 @@ MAX_HEAD_DIM = 256      # a thread's accumulators are local arrays of this size
 KEY_TILE = 128          # the scores of a tile sit in shared memory
 
 
-@cuda.jit
+@cuda.jit(device=True)
 def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, cu_q, positions, scale, err, out):
     """out[t, h] = attention of query row t, head h; a block per (t, h) (see the module docstring)."""
     lane, lanes = cuda.threadIdx.x, cuda.blockDim.x
@@ -116,6 +116,19 @@ def _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, c
         cuda.syncthreads()                                     # before the next item writes qs
 
 
+@cuda.jit
+def _attention_float(q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale, err, out):
+    """`_attention` over a float32 or float16 cache (a GPU kernel cannot take None for the scales)."""
+    _attention(q, k_cache, v_cache, None, None, block_table, block_size, cu_q, positions, scale, err, out)
+
+
+@cuda.jit
+def _attention_int8(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, cu_q, positions, scale, err,
+                    out):
+    """`_attention` over an int8 cache with its scales."""
+    _attention(q, k_cache, v_cache, k_scale, v_scale, block_table, block_size, cu_q, positions, scale, err, out)
+
+
 def attention(ops, q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale, k_scale=None, v_scale=None):
     """Causal paged attention: q [T, H, hd], caches [S, Hkv, hd] -> new [T, H, hd] (see the CPU's
     paged_attention.attention); head_dim at most MAX_HEAD_DIM. A bad batch description
@@ -127,6 +140,10 @@ def attention(ops, q, k_cache, v_cache, block_table, block_size, cu_q, positions
         raise ValueError(f"attention: head_dim {hd} is more than the {MAX_HEAD_DIM} the GPU kernel supports")
     out = ops.empty(q.shape, np.float32)
     # At least one block, so that cu_q is checked even with no query rows (as on the CPU).
-    ops.launch(_attention, ops.blocks(max(T * H, 1)), ops.threads, q, kc, vc, k_scale, v_scale, block_table,
-               int(block_size), cu_q, positions, np.float32(scale), ops.err, out)
+    grid, rest = ops.blocks(max(T * H, 1)), (block_table, int(block_size), cu_q, positions, np.float32(scale),
+                                             ops.err, out)
+    if k_scale is None:
+        ops.launch(_attention_float, grid, ops.threads, q, kc, vc, *rest)
+    else:
+        ops.launch(_attention_int8, grid, ops.threads, q, kc, vc, k_scale, v_scale, *rest)
     return out

@@ -10,7 +10,7 @@ int8 head first needs its largest |x|, which the block finds with one
 every slot checked before any block writes, and the blocks of one kernel
 cannot wait for each other. So two kernels run in order on the stream:
 `_check_slots` reports the first bad slot it meets (BAD_SLOT) into the error
-array, and `_store_kv` writes nothing at all when that array holds an error.
+array, and `_store_rows` writes nothing at all when that array holds an error.
 (An error left there by an earlier operator, not yet raised by a download,
 stops the store as well: that call raises at the next download anyway.)
 """
@@ -48,8 +48,8 @@ def _store_head(x, t, h, cache, scales, slot, scratch):
         kv_format.store_int8_head(x, t, h, cache, scales, slot, kv_format.int8_scale(amax), lane, lanes)
 
 
-@cuda.jit
-def _store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, err):
+@cuda.jit(device=True)
+def _store_rows(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, err):
     """k_cache[slot_mapping[t]] = k[t] (and v) in the cache's format; a block per (row, kv head)."""
     scratch = cuda.shared.array(WARP, float32)
     if err[0] != 0:                                  # a bad slot (or an earlier error): write nothing
@@ -63,6 +63,19 @@ def _store_kv(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, err):
         _store_head(v, t, h, v_cache, v_scale, slot, scratch)
 
 
+# Two kernels, as a GPU kernel cannot take None for the float caches' scales (CudaOps.launch).
+@cuda.jit
+def _store_kv_float(k, v, k_cache, v_cache, slot_mapping, err):
+    """`_store_rows` into a float32 or float16 cache."""
+    _store_rows(k, v, k_cache, v_cache, None, None, slot_mapping, err)
+
+
+@cuda.jit
+def _store_kv_int8(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, err):
+    """`_store_rows` into an int8 cache with its scales."""
+    _store_rows(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, err)
+
+
 def store_kv(ops, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     """k_cache[slot_mapping[t]] = k[t] and likewise for v, in place (see the CPU's kv_storage.store_kv).
 
@@ -72,5 +85,8 @@ def store_kv(ops, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=No
     kc, vc = checks.kv_caches("store_kv", k_cache, v_cache, k_scale, v_scale)
     T, Hkv = k.shape[0], k.shape[1]
     ops.launch(_check_slots, ops.blocks(-(-T // ops.threads)), ops.threads, slot_mapping, kc.shape[0], ops.err)
-    ops.launch(_store_kv, ops.blocks(T * Hkv), ops.threads, k, v, kc, vc, k_scale, v_scale, slot_mapping,
-               ops.err)
+    if k_scale is None:
+        ops.launch(_store_kv_float, ops.blocks(T * Hkv), ops.threads, k, v, kc, vc, slot_mapping, ops.err)
+    else:
+        ops.launch(_store_kv_int8, ops.blocks(T * Hkv), ops.threads, k, v, kc, vc, k_scale, v_scale, slot_mapping,
+                   ops.err)
