@@ -57,6 +57,13 @@ def copies(arrays):
     return [None if a is None else a.copy() for a in arrays]
 
 
+def assert_same(got, want):
+    """Pairwise bit-equal arrays (None where a float cache has no scales)."""
+    for a, b in zip(got, want, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("T, H, Hkv, hd", [(1, 9, 3, 64), (5, 4, 2, 16), (300, 4, 4, 32)])
 def test_rope_store_is_split_rope_and_store(kv_dtype, T, H, Hkv, hd):
@@ -72,9 +79,7 @@ def test_rope_store_is_split_rope_and_store(kv_dtype, T, H, Hkv, hd):
     q = cpu.rope_store(qkv, H, Hkv, hd, positions, cos, sin, fused[0], fused[1], slots, *fused[2:])
     q_ref = Ops.rope_store(cpu, qkv, H, Hkv, hd, positions, cos, sin, composed[0], composed[1], slots, *composed[2:])
     np.testing.assert_array_equal(q, q_ref)
-    for a, b in zip(fused, composed):
-        if a is not None:
-            np.testing.assert_array_equal(a, b)
+    assert_same(fused, composed)
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -90,9 +95,7 @@ def test_rope_store_refuses_a_bad_position_or_slot_and_writes_nothing(kv_dtype):
         before = copies(c)
         with pytest.raises(ValueError, match=message):
             cpu.rope_store(qkv, H, Hkv, hd, positions, cos, sin, c[0], c[1], slots, *c[2:])
-        for a, b in zip(c, before):
-            if a is not None:
-                np.testing.assert_array_equal(a, b)
+        assert_same(c, before)
     with pytest.raises(ValueError, match="split_qkv"):
         cpu.rope_store(qkv[:, 1:], H, Hkv, hd, good_positions, cos, sin, *caches(kv_dtype, S, Hkv, hd)[:2], good_slots)
 
@@ -118,9 +121,13 @@ def test_rope_store_int8_cache_holds_what_the_reference_quantizer_gives():
 FORMATS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "w8a8"]
 
 
+CACHES = ("k_cache", "v_cache", "k_scale", "v_scale")
+
+
 def layer_call(fmt: str, kv_dtype: str):
-    """(args of Ops.decoder_layer without x and h, the model) for layer 0 of a tiny model with
-    head_dim 64 (the SIMD attention block), whose cache already holds two sequences."""
+    """(args, model) for layer 0 of a tiny model with head_dim 64 (the SIMD attention block),
+    whose cache already holds two sequences: args(seqs) reserves the rows of `seqs` and gives
+    Ops.decoder_layer's keyword arguments but x and h."""
     from xllm.kv_cache import KVCache
     from xllm.model import Batch
     from xllm.testing import tiny_llama
@@ -133,11 +140,17 @@ def layer_call(fmt: str, kv_dtype: str):
         b = Batch.build(cache, batch_seqs)
         kv = cache.layer(0)
         w, c = m.w, m.config
-        return [w["layers.0.wqkv"], w["layers.0.wo"], w["layers.0.w_gate_up"], w["layers.0.w_down"],
-                w["layers.0.ffn_norm"], w["layers.1.attn_norm"], c.rms_eps, c.n_heads, c.n_kv_heads, c.head_dim,
-                b.positions, m.cos, m.sin, kv.k, kv.v, b.slot_mapping, b.block_table, cache.block_size, b.cu_q,
-                m.scale, kv.k_scale, kv.v_scale]
+        return dict(wqkv=w["layers.0.wqkv"], wo=w["layers.0.wo"], w_gate_up=w["layers.0.w_gate_up"],
+                    w_down=w["layers.0.w_down"], ffn_norm=w["layers.0.ffn_norm"], next_norm=w["layers.1.attn_norm"],
+                    eps=c.rms_eps, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                    positions=b.positions, cos=m.cos, sin=m.sin, k_cache=kv.k, v_cache=kv.v,
+                    slot_mapping=b.slot_mapping, block_table=b.block_table, block_size=cache.block_size, cu_q=b.cu_q,
+                    scale=m.scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
     return args, m
+
+
+def caches_of_call(a: dict) -> list:
+    return [a[name] for name in CACHES]
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -149,22 +162,15 @@ def test_decoder_layer_is_its_nine_operators(fmt, kv_dtype):
     rng = np.random.default_rng(9)
     for seqs in ([(0, [7])], [(0, [8]), (1, [9])], [(0, [3]), (1, [4, 5, 6, 7, 8])], [(2, list(range(1, 31)))]):
         a = args(seqs)
-        T = len(a[10])
+        T = len(a["positions"])
         x = rng.standard_normal((T, 128)).astype(np.float32)
         h = cpu.rmsnorm(x, m.w["layers.0.attn_norm"], 1e-5)
         for exact in (False, True):
             ops = get_ops("cpu", exact=exact)
-            fused_cache, composed_cache = copies(a[13:15] + a[20:22]), copies(a[13:15] + a[20:22])
-            fa, ca = list(a), list(a)
-            fa[13:15], fa[20:22] = fused_cache[:2], fused_cache[2:]
-            ca[13:15], ca[20:22] = composed_cache[:2], composed_cache[2:]
-            got = ops.decoder_layer(x, h, *fa)
-            want = Ops.decoder_layer(ops, x, h, *ca)
-            for g, w in zip(got, want):
-                np.testing.assert_array_equal(g, w)
-            for g, w in zip(fused_cache, composed_cache):
-                if g is not None:
-                    np.testing.assert_array_equal(g, w)
+            fused = {**a, **dict(zip(CACHES, copies(caches_of_call(a))))}
+            composed = {**a, **dict(zip(CACHES, copies(caches_of_call(a))))}
+            assert_same(ops.decoder_layer(x, h, **fused), Ops.decoder_layer(ops, x, h, **composed))
+            assert_same(caches_of_call(fused), caches_of_call(composed))
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -172,16 +178,12 @@ def test_decoder_layer_refuses_bad_indices_and_writes_nothing(kv_dtype):
     args, m = layer_call("q8_0", kv_dtype)
     good = args([(0, [7])])
     x = np.ones((1, 128), np.float32)
-    for i, bad, message in [(10, np.array([10_000], np.int32), "position"),      # past the rope tables
-                            (15, np.array([12 * 16], np.int32), "slot"),         # past the cache
-                            (16, np.array([[0, 1, 99]], np.int32), "block_table")]:
-        a = list(good)
-        a[i] = bad
-        before = copies(a[13:15] + a[20:22])
+    for name, bad, message in [("positions", np.array([10_000], np.int32), "position"),   # past the rope tables
+                               ("slot_mapping", np.array([12 * 16], np.int32), "slot"),   # past the cache
+                               ("block_table", np.array([[0, 1, 99]], np.int32), "block_table")]:
+        before = copies(caches_of_call(good))
         with pytest.raises(ValueError, match=message):
-            cpu.decoder_layer(x, x, *a)
-        for g, w in zip(a[13:15] + a[20:22], before):
-            if g is not None:
-                np.testing.assert_array_equal(g, w)
+            cpu.decoder_layer(x, x, **{**good, name: bad})
+        assert_same(caches_of_call(good), before)
     with pytest.raises(ValueError, match="linear"):
-        cpu.decoder_layer(x[:, :100], x[:, :100], *good)
+        cpu.decoder_layer(x[:, :100], x[:, :100], **good)
