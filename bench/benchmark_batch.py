@@ -62,16 +62,16 @@ class OpTimer:
     `per_step(rows)` gives the milliseconds each operator took per forward
     step that had exactly `rows` rows (so decode steps of a full batch can be
     told apart from prompt steps). `linear` is split by weight shape; a fused
-    operator (`xllm.ops.FUSED`) is timed as one, except `decoder_layer`, which
-    runs as its composition so that its operators are timed (on the CPU, which
-    runs a layer as one compiled call, the profiled step is then slower than
-    the real one by their calls from Python). Of the
+    operator (`xllm.ops.FUSED`) is timed as one, except `decoder_layers` and
+    `decoder_layer`, which run as their compositions so that the operators are
+    timed (on the CPU, which runs a layer as one compiled call, the profiled
+    step is then slower than the real one by their calls from Python). Of the
     memory functions only split_qkv, a copy of the activations, is timed; the
     others (uploading the step's few indices, downloading its logits) pass
     through.
     """
 
-    TIMED = (set(OPS) | set(FUSED) | {"split_qkv"}) - {"decoder_layer"}
+    TIMED = (set(OPS) | set(FUSED) | {"split_qkv"}) - {"decoder_layer", "decoder_layers"}
 
     def __init__(self, ops):
         self.ops = ops
@@ -79,8 +79,8 @@ class OpTimer:
         self.steps: dict[int, int] = {}
 
     def __getattr__(self, name):
-        if name == "decoder_layer":
-            return functools.partial(Ops.decoder_layer, self)
+        if name in ("decoder_layer", "decoder_layers"):
+            return functools.partial(getattr(Ops, name), self)
         fn = getattr(self.ops, name)
         if name not in self.TIMED:
             return fn

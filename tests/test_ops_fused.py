@@ -187,3 +187,105 @@ def test_decoder_layer_refuses_bad_indices_and_writes_nothing(kv_dtype):
         assert_same(caches_of_call(good), before)
     with pytest.raises(ValueError, match="linear"):
         cpu.decoder_layer(x[:, :100], x[:, :100], **good)
+
+
+def stack_call(fmt: str, kv_dtype: str, n_layers: int = 3):
+    """`layer_call` for every layer: (args, model), args(seqs) giving Ops.decoder_layers'
+    keyword arguments but x and h, with copies of every layer's caches."""
+    from xllm.kv_cache import KVCache
+    from xllm.model import Batch
+    from xllm.testing import tiny_llama
+
+    m = tiny_llama(weight_format=fmt, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=96, context_length=256,
+                   n_layers=n_layers)
+    cache = KVCache(m.config, 12, 16, kv_dtype, device=m.ops)
+    m.forward(Batch.build(cache, [(0, list(range(3, 40))), (1, list(range(5, 14)))]), cache, np.array([0], np.int32))
+
+    def args(batch_seqs):
+        b, c = Batch.build(cache, batch_seqs), m.config
+        lists = [None if a is None else [layer.copy() for layer in a]
+                 for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+        return dict(layers=m.layers, eps=c.rms_eps, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                    head_dim=c.head_dim, positions=b.positions, cos=m.cos, sin=m.sin, k_caches=lists[0],
+                    v_caches=lists[1], slot_mapping=b.slot_mapping, block_table=b.block_table,
+                    block_size=cache.block_size, cu_q=b.cu_q, scale=m.scale, k_scales=lists[2], v_scales=lists[3])
+    return args, m
+
+
+STACK_CACHES = ("k_caches", "v_caches", "k_scales", "v_scales")
+
+
+def stack_caches(a: dict) -> list:
+    """Every layer's cache arrays of a decoder_layers call, in one list (None: no scales)."""
+    return [array for name in STACK_CACHES for array in (a[name] or [None])]
+
+
+def with_copied_caches(a: dict) -> dict:
+    return {**a, **{name: None if a[name] is None else copies(a[name]) for name in STACK_CACHES}}
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_1", "w8a8"])
+def test_decoder_layers_is_decoder_layer_for_each_layer(fmt, kv_dtype):
+    """Bit for bit, outputs and every layer's cache, for a decode step, a mixed batch and a prefill chunk."""
+    args, m = stack_call(fmt, kv_dtype)
+    rng = np.random.default_rng(4)
+    for seqs in ([(0, [7])], [(0, [3]), (1, [4, 5, 6, 7, 8])], [(2, list(range(1, 31)))]):
+        a = args(seqs)
+        x = rng.standard_normal((len(a["positions"]), 128)).astype(np.float32)
+        h = cpu.rmsnorm(x, m.w["layers.0.attn_norm"], 1e-5)
+        for exact in (False, True):
+            ops = get_ops("cpu", exact=exact)
+            stacked, layered = with_copied_caches(a), with_copied_caches(a)
+            assert_same(ops.decoder_layers(x, h, **stacked), Ops.decoder_layers(ops, x, h, **layered))
+            assert_same(stack_caches(stacked), stack_caches(layered))
+            assert not np.array_equal(stacked["v_caches"][-1], a["v_caches"][-1])       # the last layer wrote
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_decoder_layers_refuses_bad_indices_and_writes_nothing(kv_dtype):
+    args, m = stack_call("q8_0", kv_dtype)
+    good = args([(0, [7])])
+    x = np.ones((1, 128), np.float32)
+    for name, bad, message in [("positions", np.array([10_000], np.int32), "position"),
+                               ("slot_mapping", np.array([12 * 16], np.int32), "slot"),
+                               ("block_table", np.array([[0, 1, 99]], np.int32), "block_table")]:
+        before = copies(stack_caches(good))
+        with pytest.raises(ValueError, match=message):
+            cpu.decoder_layers(x, x, **{**good, name: bad})
+        assert_same(stack_caches(good), before)
+
+
+def test_decoder_layers_refuses_shapes_it_cannot_run_with_the_operators_errors():
+    args, m = stack_call("q8_0", "fp32")
+    good = args([(0, [7])])
+    x = np.ones((1, 128), np.float32)
+    with pytest.raises(ValueError, match="linear"):                  # x too narrow for the weights
+        cpu.decoder_layers(x[:, :100], x[:, :100], **good)
+    with pytest.raises(ValueError, match="3 layers, but 2 key caches"):
+        cpu.decoder_layers(x, x, **{**good, "k_caches": good["k_caches"][:2]})
+    odd = copies(good["v_caches"])
+    odd[2] = odd[2][:100]                                             # layer 2's cache shorter than layer 0's
+    before = copies(stack_caches(good))
+    with pytest.raises(ValueError, match="layer 2's caches have shapes"):
+        cpu.decoder_layers(x, x, **{**good, "v_caches": odd})
+    assert_same(stack_caches(good), before)                            # layers 0 and 1 did not run
+
+
+def test_decoder_layers_runs_layers_of_different_shapes_one_by_one():
+    """A list whose layers differ in shape (not a Llama, but the operator takes any list)
+    goes through decoder_layer one layer at a time, with the same result."""
+    from xllm.ops.cpu.layer import LayerStack
+
+    args, m = stack_call("f32", "fp32", n_layers=2)
+    a = args([(0, [7])])
+    # Layer 1 with a wider FFN: w_gate_up [2F, D], w_down [D, F] with F = 200 instead of 96.
+    rng = np.random.default_rng(1)
+    wide = m.layers[1]._replace(w_gate_up=rng.standard_normal((400, 128)).astype(np.float32) * 0.05,
+                                w_down=rng.standard_normal((128, 200)).astype(np.float32) * 0.05)
+    layers = LayerStack([m.layers[0], wide])
+    assert not layers.same_shapes
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    stacked, layered = with_copied_caches({**a, "layers": layers}), with_copied_caches({**a, "layers": list(layers)})
+    assert_same(cpu.decoder_layers(x, x, **stacked), Ops.decoder_layers(cpu, x, x, **layered))
+    assert_same(stack_caches(stacked), stack_caches(layered))

@@ -226,7 +226,7 @@ class ActivationPeak:
     per_logit_row: Poly            # floats per logit row (R) at the peak
 
 
-_FORWARD_ORDER = ["x", "h", "qkv", "q", "k_rot", "attn", "o", "x1", "h1", "gate_up", "silu", "down", "rows", "logits"]
+_FORWARD_ORDER = ["x0", "h0", "x", "h", "qkv", "q", "k_rot", "attn", "o", "x1", "h1", "gate_up", "silu", "down", "rows", "logits"]
 
 
 class _Frame:
@@ -250,6 +250,10 @@ class _Frame:
     def drop(self, name: str) -> None:
         del self.live[name]
 
+    def rename(self, name: str, new_name: str) -> None:
+        """The array of name stays alive, held as new_name."""
+        self.live[new_name] = self.live.pop(name)
+
     def rebind(self, name: str) -> None:
         """name = name' (the array made as name'): the old array of name is freed."""
         self.live.pop(name, None)
@@ -264,19 +268,21 @@ def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype
     """Peak live activation bytes of `Llama.forward` for `tokens` rows, `logit_rows` of them projected to logits.
 
     Replays xllm/model.py as the CPU runs it. Each operator returns a new
-    array; the caller holds a layer's inputs x and h until `decoder_layer`
-    returns; inside, the compiled layer (xllm/ops/cpu/layer.py) frees each
-    array after its last use (`rope_store` rotates k into a temporary before
-    storing it). For Llama-2-7B in prefill the peak is at silu_mul, where
-    the layer's inputs x and h, the new x, gate_up and its silu output are
-    alive: T(3h1+3h2) floats. In decode the logits often dominate: T(2h1) +
-    R(h1+v) with the gathered rows.
+    array; the forward pass holds the first layer's inputs x0 and h0 (the
+    embedding and its norm) until `decoder_layers` returns, which holds
+    each layer's inputs x and h until `decoder_layer` returns; inside, the
+    compiled layer (xllm/ops/cpu/layer.py) frees each array after its last
+    use (`rope_store` rotates k into a temporary before storing it). For
+    Llama-2-7B in prefill the peak is at silu_mul of the second layer on,
+    where x0, h0, the layer's inputs x and h, the new x, gate_up and its
+    silu output are alive: T(5h1+3h2) floats. In decode the logits often
+    dominate: T(2h1) + R(h1+v) with the gathered rows.
     """
     f = _Frame({**_symbols(config), "T": ("T", tokens), "R": ("R", logit_rows)}, _width(act_dtype))
     h1, hq, hkv = {("h1",): 1}, {("hq",): 1}, {("hkv",): 1}
     f.assign("x", "x = embedding(tokens)", h1)
     f.assign("h", "h = rmsnorm(x)", h1)
-    for _ in range(config.n_layers):
+    for layer in range(config.n_layers):
         f.new("qkv", "linear(h, wqkv)", {("hq",): 1, ("hkv",): 2})
         f.new("q", "q = rope_store(qkv, cache)", hq)
         f.new("k_rot", "rope_store: rotated k, then stored", hkv)
@@ -299,8 +305,13 @@ def activation_peak(config: ModelConfig, tokens: int, logit_rows: int, act_dtype
         f.new("h'", "x, h = add_rmsnorm(x1, down)", h1)
         f.drop("down")
         f.drop("x1")
-        f.rebind("x")                        # the caller's names take the layer's outputs
+        if layer == 0:                       # the forward pass still holds the first inputs
+            f.rename("x", "x0")
+            f.rename("h", "h0")
+        f.rebind("x")                        # decoder_layers' names take the layer's outputs
         f.rebind("h")
+    f.drop("x0")                             # decoder_layers returned: the forward's names rebound
+    f.drop("h0")
     f.new("rows", "h[logit_rows]", {}, h1)
     f.new("logits", "logits = linear(h[rows], output)", {}, {("v",): 1})
     return f.peak

@@ -298,6 +298,7 @@ def _recording_ops():
         watch: dict[int, str] = {}
         maxima: dict[str, np.ndarray] = {}
         decoder_layer = Ops.decoder_layer      # operator by operator, so that `linear` sees every x
+        decoder_layers = Ops.decoder_layers
 
         def linear(self, x, w):
             key = self.watch.get(id(w))

@@ -31,10 +31,10 @@ import os
 import sys
 
 from ..errors import XllmError
-from .interface import FUSED, MEMORY, OPS, HostOps, Ops
+from .interface import FUSED, MEMORY, OPS, HostOps, LayerWeights, Ops
 
-__all__ = ["DEVICES", "FUSED", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "Ops", "available_devices",
-           "get_ops", "ops_for", "resolve_device"]
+__all__ = ["DEVICES", "FUSED", "MEMORY", "OPS", "DeviceNotAvailable", "HostOps", "LayerWeights", "Ops",
+           "available_devices", "get_ops", "ops_for", "resolve_device"]
 
 DEVICES = ("cpu", "reference", "cuda", "cuda-sim")
 

@@ -3,12 +3,13 @@
 The forward pass (`xllm/model.py`) and the KV cache (`xllm/kv_cache.py`) call
 nothing but these, so they run unchanged on every device:
 
-    memory      upload, download, empty, zeros, upload_weight, split_qkv, synchronize
+    memory      upload, download, empty, zeros, upload_weight, prepare_layers, split_qkv,
+                synchronize
     operators   embedding, rmsnorm, linear, rope, rope_tables, store_kv, attention,
                 silu_mul, add, logits
-    fused       add_rmsnorm, rope_store, decoder_layer: compositions of the
-                operators above, written here once; a device may replace one
-                with a single call (the CPU does), with the same result to
+    fused       add_rmsnorm, rope_store, decoder_layer, decoder_layers: compositions
+                of the operators above, written here once; a device may replace
+                one with a single call (the CPU does), with the same result to
                 rounding
 
 A fused operator exists because each operator call costs a few microseconds
@@ -17,7 +18,11 @@ glue operators touch a few thousand numbers each, and eight of its fourteen
 calls were such glue (split, two ropes, store, two adds, two norms); with
 add_rmsnorm and rope_store a layer makes nine calls. `decoder_layer` is the
 whole layer, those nine calls: the CPU runs it as one compiled call, as a
-GPU would replay a captured graph of them.
+GPU would replay a captured graph of them. `decoder_layers` is every layer
+of the model in turn, with the weights `prepare_layers` made once when the
+model was built: what a device must ask of each layer's weights and caches
+(their kernel arguments, whether their shapes fit) is then asked once per
+model or once per step, not once per layer and step.
 
 An array of a device is whatever that device computes on: numpy arrays for
 "cpu" and "reference", numba.cuda device arrays for "cuda" (and the
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,8 +64,20 @@ from . import checks
 
 OPS = ("embedding", "rmsnorm", "linear", "rope", "rope_tables", "store_kv", "attention",
        "silu_mul", "add", "logits")
-FUSED = ("add_rmsnorm", "rope_store", "decoder_layer")
-MEMORY = ("upload", "download", "empty", "zeros", "upload_weight", "split_qkv", "synchronize")
+FUSED = ("add_rmsnorm", "rope_store", "decoder_layer", "decoder_layers")
+MEMORY = ("upload", "download", "empty", "zeros", "upload_weight", "prepare_layers", "split_qkv", "synchronize")
+
+
+class LayerWeights(NamedTuple):
+    """One layer's weights, uploaded, in the order `decoder_layer` takes them. next_norm is
+    the next layer's first norm (attn_norm), or the model's final norm after the last layer."""
+
+    wqkv: object
+    wo: object
+    w_gate_up: object
+    w_down: object
+    ffn_norm: object
+    next_norm: object
 
 
 class Ops:
@@ -105,6 +123,13 @@ class Ops:
         float32 instead.
         """
         raise NotImplementedError
+
+    def prepare_layers(self, layers):
+        """A model's layers, a list of `LayerWeights` of uploaded weights, as `decoder_layers`
+        takes them; made once, when the model is built. Here the list itself: a device
+        that runs the layers otherwise returns a list of the same `LayerWeights` that
+        also carries what it needs (the CPU: each weight's kernel arguments)."""
+        return list(layers)
 
     def split_qkv(self, qkv, n_heads: int, n_kv_heads: int, head_dim: int):
         """The stacked projection qkv [T, (H + 2 Hkv) hd] as three new arrays
@@ -195,6 +220,24 @@ class Ops:
         a = self.attention(q, k_cache, v_cache, block_table, block_size, cu_q, positions, scale, k_scale, v_scale)
         x, h = self.add_rmsnorm(x, self.linear(a.reshape(T, n_heads * head_dim), wo), ffn_norm, eps)
         return self.add_rmsnorm(x, self.linear(self.silu_mul(self.linear(h, w_gate_up)), w_down), next_norm, eps)
+
+    def decoder_layers(self, x, h, layers, eps: float, n_heads: int, n_kv_heads: int, head_dim: int, positions,
+                       cos, sin, k_caches, v_caches, slot_mapping, block_table, block_size: int, cu_q,
+                       scale: float, k_scales=None, v_scales=None):
+        """Every layer in turn: `decoder_layer` with the weights of layer i (`layers` from
+        `prepare_layers`) and its caches k_caches[i], v_caches[i] (and k_scales[i],
+        v_scales[i] for int8; the lists of `KVCache.k`, `.v`, `.k_scale`, `.v_scale`).
+        Every layer sees the same positions, slots and block tables, so a bad one raises
+        at the first layer, before anything is written."""
+        if len(k_caches) != len(layers) or len(v_caches) != len(layers):
+            raise ValueError(f"decoder_layers: {len(layers)} layers, but {len(k_caches)} key caches and "
+                             f"{len(v_caches)} value caches")
+        for i, w in enumerate(layers):
+            x, h = self.decoder_layer(x, h, *w, eps, n_heads, n_kv_heads, head_dim, positions, cos, sin,
+                                      k_caches[i], v_caches[i], slot_mapping, block_table, block_size, cu_q, scale,
+                                      None if k_scales is None else k_scales[i],
+                                      None if v_scales is None else v_scales[i])
+        return x, h
 
     # ------------------------------------------------------------------ helpers
 

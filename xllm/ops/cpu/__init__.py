@@ -16,7 +16,8 @@ over the rows, in threads (`prange`) when the work is large enough:
                       the default, several times faster (`reference.linear_int`)
   kv_storage.py       store_kv (float32, float16 or int8 caches), rope_store (fused)
   paged_attention.py  attention (causal, paged, ragged batch, GQA)
-  layer.py            decoder_layer (fused): a whole layer, the above, in one compiled call
+  layer.py            decoder_layer (fused): a whole layer, the above, in one compiled call;
+                      decoder_layers: every layer, the checks made once per step
   common.py           fast-math flags, serial and parallel drivers, index checks
 
 Kernels are compiled on first use and cached on disk (`cache=True`); the
@@ -45,4 +46,6 @@ class CpuOps(HostOps):
     store_kv = staticmethod(kv_storage.store_kv)
     rope_store = staticmethod(kv_storage.rope_store)
     attention = staticmethod(paged_attention.attention)
-    decoder_layer = layer.decoder_layer          # a method: it falls back on Ops.decoder_layer
+    decoder_layer = layer.decoder_layer          # methods: they fall back on Ops.decoder_layer(s)
+    decoder_layers = layer.decoder_layers
+    prepare_layers = layer.prepare_layers

@@ -133,6 +133,15 @@ def _fits(x, h, wqkv, wo, w_gate_up, w_down, ffn_norm, next_norm, n_heads, n_kv_
             and block_table.ndim == 2 and cu_q.shape == (block_table.shape[0] + 1,))
 
 
+def _raise_index_error(code, where, positions, slot_mapping, cos, k_cache):
+    """The operator's ValueError for the code `_layer` returned."""
+    if code == checks.BAD_POSITION:
+        raise checks.index_error(code, where, positions[where], cos.shape[0])
+    if code == checks.BAD_SLOT:
+        raise checks.index_error(code, where, slot_mapping[where], k_cache.shape[0])
+    raise checks.index_error(code, where)
+
+
 def decoder_layer(ops: Ops, x, h, wqkv, wo, w_gate_up, w_down, ffn_norm, next_norm, eps, n_heads, n_kv_heads,
                   head_dim, positions, cos, sin, k_cache, v_cache, slot_mapping, block_table, block_size, cu_q, scale,
                   k_scale=None, v_scale=None):
@@ -147,11 +156,67 @@ def decoder_layer(ops: Ops, x, h, wqkv, wo, w_gate_up, w_down, ffn_norm, next_no
                                    positions, cos, sin, kc, vc, k_scale, v_scale, slot_mapping, block_table,
                                    block_size, cu_q, scale, ops.exact, numba.get_num_threads(),
                                    paged_attention._simd_applies(kc, vc, block_size))
-        if code == checks.BAD_POSITION:
-            raise checks.index_error(code, where, positions[where], cos.shape[0])
-        if code == checks.BAD_SLOT:
-            raise checks.index_error(code, where, slot_mapping[where], k_cache.shape[0])
         if code:
-            raise checks.index_error(code, where)
+            _raise_index_error(code, where, positions, slot_mapping, cos, k_cache)
         return x, h
     return Ops.decoder_layer(ops, *args)       # raises the operator's error for a shape it cannot run
+
+
+# ---------------------------------------------------------------- every layer
+
+class LayerStack(list):
+    """`CpuOps.prepare_layers`: the model's `LayerWeights`, and for each layer the weight
+    arguments `_layer` takes (`weight_args` of its four matrices, then its two norms).
+    `same_shapes`: every layer's weights have layer 0's shapes, so that checking layer 0's
+    against a batch (`_fits`) checks them all."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.args = [tuple(weight_args(m) for m in w[:4]) + (w.ffn_norm, w.next_norm) for w in self]
+        shapes = [tuple(tuple(m.shape) for m in w) for w in self]
+        self.same_shapes = all(s == shapes[0] for s in shapes)
+
+
+def prepare_layers(ops: Ops, layers) -> LayerStack:
+    """`Ops.prepare_layers` for the CPU: each weight's kernel arguments, made once."""
+    return LayerStack(layers)
+
+
+def decoder_layers(ops: Ops, x, h, layers, eps, n_heads, n_kv_heads, head_dim, positions, cos, sin, k_caches,
+                   v_caches, slot_mapping, block_table, block_size, cu_q, scale, k_scales=None, v_scales=None):
+    """`Ops.decoder_layers` for the CPU: `_layer` for each layer, from Python.
+
+    What `decoder_layer` does for every call is done here once per step: the
+    shapes (`_fits` with layer 0, whose shapes every layer has) and the number
+    of threads; only each layer's caches are looked at per layer (their dtype
+    and shape, as `_layer` indexes them unchecked), all before the first layer
+    runs, so that a bad one leaves every cache as it was.
+    A call with shapes `_fits` refuses runs layer by layer (`Ops.decoder_layers`),
+    which raises the operator's own error.
+    """
+    if not isinstance(layers, LayerStack):
+        layers = LayerStack(layers)
+    n = len(layers)
+    if not (n and layers.same_shapes and len(k_caches) == n and len(v_caches) == n
+            and _fits(x, h, *layers[0], n_heads, n_kv_heads, head_dim, positions, cos, sin, k_caches[0],
+                      v_caches[0], slot_mapping, block_table, block_size, cu_q)):
+        return Ops.decoder_layers(ops, x, h, layers, eps, n_heads, n_kv_heads, head_dim, positions, cos, sin,
+                                  k_caches, v_caches, slot_mapping, block_table, block_size, cu_q, scale, k_scales,
+                                  v_scales)
+    shape, kv = k_caches[0].shape, []
+    for i in range(n):          # every layer's caches checked before the first is written
+        k_scale = None if k_scales is None else k_scales[i]
+        v_scale = None if v_scales is None else v_scales[i]
+        kc, vc = checks.kv_caches("decoder_layers", k_caches[i], v_caches[i], k_scale, v_scale)
+        if kc.shape != shape or vc.shape != shape:
+            raise ValueError(f"decoder_layers: layer {i}'s caches have shapes {kc.shape} and {vc.shape}, "
+                             f"layer 0's {shape}")
+        kv.append((kc, vc, k_scale, v_scale, paged_attention._simd_applies(kc, vc, block_size)))
+    workers, eps = numba.get_num_threads(), float(eps)
+    for w, (kc, vc, k_scale, v_scale, use_simd) in zip(layers.args, kv):
+        x, h, code, where = _layer(x, h, *w, eps, n_heads, n_kv_heads, positions, cos, sin, kc, vc, k_scale,
+                                   v_scale, slot_mapping, block_table, block_size, cu_q, scale, ops.exact, workers,
+                                   use_simd)
+        if code:        # the same indices in every layer: only layer 0 can find a bad one
+            _raise_index_error(code, where, positions, slot_mapping, cos, kc)
+    return x, h
