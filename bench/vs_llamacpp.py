@@ -29,6 +29,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from bench.ops_cpu import stream_total
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct.{}.gguf"
 LLAMA_FILE = {"W8A8": "Q8_0"}           # what llama.cpp runs beside each xllm format
@@ -58,22 +60,14 @@ def xllm(args, fmt: str, prompt_tokens: int) -> dict:
                        "--decode-tokens", "128", "--runs", "3", "--json", *XLLM_ARGS.get(fmt, [])], ROOT)
 
 
-@numba.njit(parallel=True, fastmath={"reassoc"})
-def _total(x):
-    s = np.float32(0.0)
-    for i in numba.prange(x.shape[0]):
-        s += x[i]
-    return s
-
-
 def stream_read(n_bytes: int) -> float:
     """GB/s of a parallel read of a float32 array of n_bytes (median of 5 reads after one)."""
     a = np.ones(n_bytes // 4, np.float32)
-    _total(a)
+    stream_total(a)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        _total(a)
+        stream_total(a)
         times.append(time.perf_counter() - t0)
     return a.nbytes / statistics.median(times) / 1e9
 
