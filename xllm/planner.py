@@ -226,7 +226,8 @@ class ActivationPeak:
     per_logit_row: Poly            # floats per logit row (R) at the peak
 
 
-_FORWARD_ORDER = ["x0", "h0", "x", "h", "qkv", "q", "k_rot", "attn", "o", "x1", "h1", "gate_up", "silu", "down", "rows", "logits"]
+_FORWARD_ORDER = ["x0", "h0", "x", "h", "qkv", "q", "k_rot", "attn", "o", "x1", "h1", "gate_up", "silu", "down",
+                  "rows", "logits"]
 
 
 class _Frame:
