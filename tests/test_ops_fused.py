@@ -124,17 +124,26 @@ FORMATS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "w8a8"]
 CACHES = ("k_cache", "v_cache", "k_scale", "v_scale")
 
 
-def layer_call(fmt: str, kv_dtype: str):
-    """(args, model) for layer 0 of a tiny model with head_dim 64 (the SIMD attention block),
-    whose cache already holds two sequences: args(seqs) reserves the rows of `seqs` and gives
-    Ops.decoder_layer's keyword arguments but x and h."""
+def model_with_cache(fmt: str, kv_dtype: str, n_layers: int = 2):
+    """A tiny model with head_dim 64 (the SIMD attention block) and its cache, which already
+    holds two sequences: (model, cache)."""
     from xllm.kv_cache import KVCache
     from xllm.model import Batch
     from xllm.testing import tiny_llama
 
-    m = tiny_llama(weight_format=fmt, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=96, context_length=256)
+    m = tiny_llama(weight_format=fmt, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=96, context_length=256,
+                   n_layers=n_layers)
     cache = KVCache(m.config, 12, 16, kv_dtype, device=m.ops)
     m.forward(Batch.build(cache, [(0, list(range(3, 40))), (1, list(range(5, 14)))]), cache, np.array([0], np.int32))
+    return m, cache
+
+
+def layer_call(fmt: str, kv_dtype: str):
+    """(args, model) for layer 0 of `model_with_cache`: args(seqs) reserves the rows of `seqs`
+    and gives Ops.decoder_layer's keyword arguments but x and h."""
+    from xllm.model import Batch
+
+    m, cache = model_with_cache(fmt, kv_dtype)
 
     def args(batch_seqs):
         b = Batch.build(cache, batch_seqs)
@@ -147,6 +156,12 @@ def layer_call(fmt: str, kv_dtype: str):
                     slot_mapping=b.slot_mapping, block_table=b.block_table, block_size=cache.block_size, cu_q=b.cu_q,
                     scale=m.scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
     return args, m
+
+
+# Bad indices for a decode step of sequence 0 in `model_with_cache`'s cache of 12 blocks of 16 slots.
+BAD_INDICES = [("positions", np.array([10_000], np.int32), "position"),      # past the rope tables
+               ("slot_mapping", np.array([12 * 16], np.int32), "slot"),     # past the cache
+               ("block_table", np.array([[0, 1, 99]], np.int32), "block_table")]
 
 
 def caches_of_call(a: dict) -> list:
@@ -178,9 +193,7 @@ def test_decoder_layer_refuses_bad_indices_and_writes_nothing(kv_dtype):
     args, m = layer_call("q8_0", kv_dtype)
     good = args([(0, [7])])
     x = np.ones((1, 128), np.float32)
-    for name, bad, message in [("positions", np.array([10_000], np.int32), "position"),   # past the rope tables
-                               ("slot_mapping", np.array([12 * 16], np.int32), "slot"),   # past the cache
-                               ("block_table", np.array([[0, 1, 99]], np.int32), "block_table")]:
+    for name, bad, message in BAD_INDICES:
         before = copies(caches_of_call(good))
         with pytest.raises(ValueError, match=message):
             cpu.decoder_layer(x, x, **{**good, name: bad})
@@ -192,14 +205,9 @@ def test_decoder_layer_refuses_bad_indices_and_writes_nothing(kv_dtype):
 def stack_call(fmt: str, kv_dtype: str, n_layers: int = 3):
     """`layer_call` for every layer: (args, model), args(seqs) giving Ops.decoder_layers'
     keyword arguments but x and h, with copies of every layer's caches."""
-    from xllm.kv_cache import KVCache
     from xllm.model import Batch
-    from xllm.testing import tiny_llama
 
-    m = tiny_llama(weight_format=fmt, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=96, context_length=256,
-                   n_layers=n_layers)
-    cache = KVCache(m.config, 12, 16, kv_dtype, device=m.ops)
-    m.forward(Batch.build(cache, [(0, list(range(3, 40))), (1, list(range(5, 14)))]), cache, np.array([0], np.int32))
+    m, cache = model_with_cache(fmt, kv_dtype, n_layers)
 
     def args(batch_seqs):
         b, c = Batch.build(cache, batch_seqs), m.config
@@ -247,9 +255,7 @@ def test_decoder_layers_refuses_bad_indices_and_writes_nothing(kv_dtype):
     args, m = stack_call("q8_0", kv_dtype)
     good = args([(0, [7])])
     x = np.ones((1, 128), np.float32)
-    for name, bad, message in [("positions", np.array([10_000], np.int32), "position"),
-                               ("slot_mapping", np.array([12 * 16], np.int32), "slot"),
-                               ("block_table", np.array([[0, 1, 99]], np.int32), "block_table")]:
+    for name, bad, message in BAD_INDICES:
         before = copies(stack_caches(good))
         with pytest.raises(ValueError, match=message):
             cpu.decoder_layers(x, x, **{**good, name: bad})
